@@ -1,0 +1,91 @@
+"""amago2_popgym.py from the command line: every loss combination, save + resume, bad flags."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--tasks", "RepeatPreviousEasy", "MineSweeperEasy", "--num-envs", "2", "--steps-per-epoch", "40",
+        "--updates-per-epoch", "2", "--context-len", "12", "--batch-size", "3", "--d-model", "32", "--d-ff", "64",
+        "--n-layers", "1", "--n-heads", "2", "--d-token", "24", "--num-bins", "16", "--head-hidden", "32",
+        "--buffer-size", "1000", "--eval-episodes", "1", "--eval-every", "0", "--total-timesteps", "160"]  # two epochs of 2 envs x 40 steps, 2 updates each
+
+
+def run(args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "amago2_popgym.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("actor_loss,critic_loss", [("ind", "ind"), ("ind", "dep"), ("dep", "ind"), ("dep", "dep")])
+def test_loss_combinations_run(actor_loss, critic_loss, tmp_path):
+    out = run([*TINY, "--actor-loss", actor_loss, "--critic-loss", critic_loss], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "done: 160 steps, 4 updates" in out.stdout
+    assert "eval: return_mean" in out.stdout
+
+
+def test_full_recompute_bf16_async(tmp_path):
+    out = run([*TINY, "--no-kv-cache", "--precision", "bf16", "--async-envs", "--no-one-shot"], tmp_path)
+    assert out.returncode == 0, out.stderr
+
+
+def test_save_then_resume_continues(tmp_path):
+    out = run([*TINY, "--save-model", "--checkpoint-every", "80", "--run-name", "r"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    ckpt = tmp_path / "runs" / "r" / "checkpoint"
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    assert state["counters"]["global_step"] == 160 and state["counters"]["updates"] == 4
+    saved_buffer_ptr = np.load(ckpt / state["buffer"] / "rollout_id.npy")
+    out = run(["--resume", "runs/r", "--total-timesteps", "320"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "resumed runs/r at step 160 after 4 updates" in out.stdout
+    assert "done: 320 steps, 8 updates" in out.stdout
+    state2 = torch.load(ckpt / "state.pt", weights_only=False)
+    assert state2["counters"]["global_step"] == 320 and state2["args"]["d_model"] == 32  # the saved flags were used
+    ids = np.load(ckpt / state2["buffer"] / "rollout_id.npy")
+    # the resumed run kept the old data and appended after it with fresh rollout ids
+    kept = saved_buffer_ptr >= 0
+    assert (ids[kept] == saved_buffer_ptr[kept]).sum() > 0 and ids.max() > saved_buffer_ptr.max()
+    assert len(os.listdir(ckpt)) == 2  # state.pt and the one buffer snapshot it names
+
+
+def test_resume_reproduces_the_saved_state(tmp_path):
+    import amago2_popgym as A
+
+    out = run([*TINY, "--save-model", "--run-name", "r"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    state = torch.load(tmp_path / "runs" / "r" / "checkpoint" / "state.pt", weights_only=False)
+    args = A.Args(**state["args"])
+    env = A.POPGymMetaEnv(args.tasks)
+    agent = A.Agent(env.observation_space, env.action_space.n, args)
+    opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    fields = {"obs": ((27,), np.float32), "prev_action": ((), np.int64), "prev_reward": ((), np.float32),
+              "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
+    buffer = A.ReplayBuffer(fields, args.buffer_size, args.num_envs)
+    rng = np.random.default_rng(123)
+    counters = A.load_checkpoint(str(tmp_path / "runs" / "r"), agent, opt, sched, buffer, rng)
+    assert counters["updates"] == 4
+    for k, v in state["agent"].items():
+        assert torch.equal(agent.state_dict()[k], v), k
+    assert agent.encoder.norm.count.item() > 0 and agent.popart.updates.item() == 0  # input statistics restored
+    assert opt.state_dict()["state"][0]["step"].item() == 4
+    assert rng.bit_generator.state == state["rng"]["numpy"]
+    assert buffer.num_transitions() > 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tasks", "NotATask"], "unknown POPGym task"),
+    (["--context-len", "0"], "--context-len must be positive"),
+    (["--batch-size", "500"], "cannot serve batches"),
+    (["--rollout-gamma", "0.5"], "must be one of --gammas"),
+    (["--resume", "runs/nothing-here"], "no checkpoint"),
+])
+def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):
+    out = run([*TINY, *flags], tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr

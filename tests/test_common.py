@@ -1,0 +1,137 @@
+"""Known-answer tests for common/: symlog / two-hot maths and the replay buffer."""
+import numpy as np
+import pytest
+import torch
+
+from common.replay import ReplayBuffer
+from common.twohot import bin_supports, bins_to_scalar, symexp, symlog, twohot
+
+
+def test_symlog_symexp_inverse():
+    x = torch.tensor([-1e5, -123.4, -1.0, -1e-3, 0.0, 1e-3, 0.5, 7.0, 1e5], dtype=torch.float64)
+    assert torch.allclose(symexp(symlog(x)), x, rtol=1e-10)
+    assert symlog(torch.tensor(np.e - 1)).item() == pytest.approx(1.0)
+    assert symlog(torch.tensor(-(np.e - 1))).item() == pytest.approx(-1.0)
+
+
+def test_bins_span_symlog_limits():
+    bins = bin_supports(64)
+    assert len(bins) == 64
+    assert bins[0].item() == pytest.approx(-np.log(1e5 + 1), rel=1e-6)
+    assert bins[-1].item() == pytest.approx(np.log(1e5 + 1), rel=1e-6)
+    assert torch.allclose(bins[1:] - bins[:-1], (bins[1] - bins[0]).expand(63), atol=1e-5)
+
+
+def test_twohot_round_trip_and_mass():
+    bins = bin_supports(128).double()
+    y = torch.tensor([-5e4, -10.0, -0.3, 0.0, 0.01, 1.0, 99.0, 3e4], dtype=torch.float64)
+    label = twohot(symlog(y), bins)
+    assert torch.allclose(label.sum(-1), torch.ones(len(y), dtype=torch.float64))
+    assert ((label > 0).sum(-1) <= 2).all()
+    assert torch.allclose(bins_to_scalar(label, bins), y, rtol=1e-9, atol=1e-9)
+
+
+def test_twohot_nearer_bin_gets_larger_weight():
+    bins = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    label = twohot(torch.tensor(1.25), bins)
+    assert torch.allclose(label, torch.tensor([0.0, 0.75, 0.25, 0.0]))  # 1.25 is nearer bin 1
+    assert torch.allclose(twohot(torch.tensor(2.0), bins), torch.tensor([0.0, 0.0, 1.0, 0.0]))
+
+
+def test_twohot_edge_bins():
+    bins = bin_supports(16)
+    label = twohot(torch.tensor([-1e9, 1e9, bins[0].item(), bins[-1].item()]), bins)
+    assert label[0, 0] == 1 and label[1, -1] == 1 and label[2, 0] == 1 and label[3, -1] == 1
+    assert torch.allclose(label.sum(-1), torch.ones(4))
+
+
+# ---- replay buffer ----
+FIELDS = {"obs": ((3,), np.uint8), "reward": ((), np.float32)}
+
+
+def fill(buffer, lengths_per_env, rng=None):
+    """Write rollouts of the given lengths in each env column; obs encodes (rollout id, time)."""
+    E = buffer.num_envs
+    queues = [list(ls) for ls in lengths_per_env]
+    state = [None] * E
+    for _ in range(max(sum(ls) for ls in lengths_per_env)):
+        for e in range(E):
+            if state[e] is None or state[e][1] == state[e][2]:
+                if not queues[e]:
+                    continue
+                state[e] = [int(buffer.new_rollout_ids(1)[0]), 0, queues[e].pop(0)]
+            rid, t, _ = state[e]
+            buffer.add({"obs": np.array([[rid % 256, t % 256, e]], np.uint8), "reward": np.array([t], np.float32),
+                        "rollout_id": np.array([rid]), "time": np.array([t])}, np.array([e]))
+            state[e][1] += 1
+
+
+def check_windows(batch, length):
+    obs, mask, rid, t = batch["obs"], batch["mask"], batch["rollout_id"], batch["time"]
+    assert obs.dtype == np.uint8 and obs.shape[1] == length
+    for b in range(len(obs)):
+        assert mask[b, 0]  # a window always starts on real data
+        k = mask[b].sum()
+        assert mask[b, :k].all() and not mask[b, k:].any()  # real data, then padding only
+        assert (rid[b, :k] == rid[b, 0]).all()  # never crosses a rollout boundary
+        assert (np.diff(t[b, :k]) == 1).all()  # consecutive timesteps
+        assert k >= 2  # at least one valid transition
+
+
+def test_windows_never_cross_rollout_boundaries():
+    rng = np.random.default_rng(0)
+    buffer = ReplayBuffer(FIELDS, capacity=3 * 200, num_envs=3)
+    fill(buffer, [[5, 30, 2, 40], [100], [3, 3, 3, 60]])
+    batch = buffer.sample(256, 9, rng)
+    check_windows(batch, 9)
+    # a window whose rollout is long enough is full: the start is moved back from the rollout's end
+    assert batch["mask"][batch["rollout_id"][:, 0] == 4].all()  # env 1's single 100-step rollout
+
+
+def test_windows_after_ring_wraps():
+    rng = np.random.default_rng(1)
+    buffer = ReplayBuffer(FIELDS, capacity=2 * 50, num_envs=2)
+    fill(buffer, [[17] * 9, [23] * 7])  # 153 and 161 steps into 50 rows each: wraps three times
+    assert (buffer.size == 50).all()
+    check_windows(buffer.sample(512, 12, rng), 12)
+
+
+def test_single_rollout_longer_than_ring():
+    """One rollout that fills the whole column: the wrap point must still break windows (times jump)."""
+    rng = np.random.default_rng(2)
+    buffer = ReplayBuffer(FIELDS, capacity=40, num_envs=1)
+    fill(buffer, [[130]])
+    check_windows(buffer.sample(512, 10, rng), 10)
+
+
+def test_buffer_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    buffer = ReplayBuffer(FIELDS, capacity=200, num_envs=2)
+    fill(buffer, [[10, 20], [7, 7, 7]])
+    buffer.save(str(tmp_path / "snap"))
+    other = ReplayBuffer(FIELDS, capacity=200, num_envs=2)
+    other.load(str(tmp_path / "snap"))
+    for k in buffer.data:
+        assert np.array_equal(buffer.data[k], other.data[k])
+    assert (other.ptr == buffer.ptr).all() and other.next_rollout_id == buffer.next_rollout_id
+    s1, s2 = buffer.sample(8, 5, np.random.default_rng(9)), other.sample(8, 5, np.random.default_rng(9))
+    assert all(np.array_equal(s1[k], s2[k]) for k in s1)
+
+
+def test_memory_mapped_buffer(tmp_path):
+    rng = np.random.default_rng(4)
+    buffer = ReplayBuffer(FIELDS, capacity=300, num_envs=3, path=str(tmp_path / "mm"))
+    assert isinstance(buffer.data["obs"], np.memmap)
+    fill(buffer, [[12, 9], [25], [4, 4, 4]])
+    check_windows(buffer.sample(64, 6, rng), 6)
+    buffer.save(str(tmp_path / "snap"))
+    reopened = ReplayBuffer(FIELDS, capacity=300, num_envs=3, path=str(tmp_path / "mm"))
+    reopened.load(str(tmp_path / "snap"))
+    assert np.array_equal(reopened.data["obs"], buffer.data["obs"])
+    assert reopened.next_rollout_id == buffer.next_rollout_id
+    assert "memory-mapped" in reopened.footprint()
+
+
+def test_ram_buffer_that_cannot_fit_is_refused():
+    with pytest.raises(MemoryError, match="--buffer-dir"):
+        ReplayBuffer({"frame": ((84, 84, 3), np.uint8)}, capacity=10**9, num_envs=1)

@@ -1,0 +1,232 @@
+"""Protocol tests of the Meta-World meta-rollout wrapper and the state timestep encoder."""
+import os
+import pickle
+import sys
+from types import SimpleNamespace
+
+import gymnasium as gym
+import metaworld
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from amago2_metaworld import (  # noqa: E402
+    MetaWorldMetaEnv,
+    TimestepEncoder,
+    make_env,
+    metaworld_benchmark,
+    summarize_eval,
+)
+
+EP_LEN, K = 20, 3  # short inner episodes keep the tests fast; the logic does not depend on 500
+
+
+def rollout(env, seed=None, action=None):
+    """Play one meta-rollout; return per-step records."""
+    obs, info = env.reset(seed=seed)
+    steps = [dict(obs=obs["obs"], info=info, reward=0.0, terminated=False, truncated=False,
+                  goal=env.sim._target_pos.copy(), rand_vec=env.sim._last_rand_vec.copy())]
+    while True:
+        a = env.action_space.sample() if action is None else action
+        obs, reward, terminated, truncated, info = env.step(a)
+        steps.append(dict(obs=obs["obs"], info=info, reward=reward, terminated=terminated, truncated=truncated,
+                          goal=env.sim._target_pos.copy(), rand_vec=env.sim._last_rand_vec.copy()))
+        if terminated or truncated:
+            return steps
+
+
+@pytest.fixture(scope="module")
+def ml1_env():
+    env = MetaWorldMetaEnv("ML1", "reach-v3", train=True, k_episodes=K, episode_length=EP_LEN, seed=0)
+    yield env
+    env.close()
+
+
+def test_spaces_and_reset(ml1_env):
+    obs, info = ml1_env.reset(seed=1)
+    assert isinstance(ml1_env.observation_space, gym.spaces.Dict)
+    assert ml1_env.observation_space["obs"].shape == (39,)
+    assert ml1_env.action_space.shape == (4,) and ml1_env.action_space.dtype == np.float32
+    assert obs["obs"].shape == (39,) and obs["obs"].dtype == np.float32
+    assert ml1_env.observation_space.contains(obs)
+    assert np.all(obs["obs"][36:] == 0)  # ML benchmarks hide the goal
+    assert info["new_episode"] is True
+
+
+def test_episode_boundaries_and_flags(ml1_env):
+    steps = rollout(ml1_env, seed=2)
+    assert len(steps) - 1 == K * EP_LEN  # truncated exactly at step k * episode_length
+    flags = [s["info"]["new_episode"] for s in steps[1:]]
+    expected = [(t % EP_LEN == 0) and t < K * EP_LEN for t in range(1, K * EP_LEN + 1)]
+    assert flags == expected  # True exactly at the K-1 inner boundaries
+    assert not any(s["terminated"] for s in steps)
+    assert [s["truncated"] for s in steps[1:]] == [False] * (K * EP_LEN - 1) + [True]
+    for s in steps[1:]:
+        assert s["info"]["policy_reward"] == s["reward"]
+    # task / metrics only at the end of the meta-rollout
+    assert all("metrics" not in s["info"] and "task" not in s["info"] for s in steps[:-1])
+    assert steps[-1]["info"]["task"] == "reach-v3"
+
+
+def test_same_variant_across_attempts(ml1_env):
+    steps = rollout(ml1_env, seed=3)
+    starts = [0] + [i for i, s in enumerate(steps) if s["info"]["new_episode"] and i > 0]
+    assert len(starts) == K
+    for i in starts[1:]:
+        np.testing.assert_array_equal(steps[i]["rand_vec"], steps[0]["rand_vec"])
+        np.testing.assert_array_equal(steps[i]["goal"], steps[0]["goal"])
+        # the simulator restarts from the variant's exact initial state
+        np.testing.assert_allclose(steps[i]["obs"], steps[0]["obs"], atol=1e-6)
+    # and the obs right before an inner reset is not the initial obs (it really was reset)
+    assert not np.allclose(steps[starts[1] - 1]["obs"], steps[0]["obs"])
+
+
+def test_variants_change_between_meta_rollouts(ml1_env):
+    goals = {tuple(rollout(ml1_env, seed=s)[0]["rand_vec"]) for s in range(4)}
+    assert len(goals) > 1
+
+
+def test_seeding_reproducible():
+    a = MetaWorldMetaEnv("ML1", "reach-v3", k_episodes=1, episode_length=5, seed=0)
+    b = MetaWorldMetaEnv("ML1", "reach-v3", k_episodes=1, episode_length=5, seed=0)
+    for _ in range(3):
+        a.reset(), b.reset()
+        np.testing.assert_array_equal(a.sim._last_rand_vec, b.sim._last_rand_vec)
+
+
+def test_train_and_test_variants_differ():
+    """ML1: the held-out goals are other variants of the same class."""
+    def goals(train):
+        env = MetaWorldMetaEnv("ML1", "reach-v3", train=train, seed=0)
+        return {tuple(pickle.loads(v.data)["rand_vec"]) for v in env.variants["reach-v3"]}
+
+    train, test = goals(True), goals(False)
+    assert len(train) == 50 and len(test) == 50 and train.isdisjoint(test)
+
+
+def test_success_bookkeeping(ml1_env):
+    metrics = rollout(ml1_env, seed=4)[-1]["info"]["metrics"]
+    assert set(metrics) == {"success_1", "success_2", "success_3", "success", "return"}
+    assert all(type(v) is float for v in metrics.values())
+    assert all(0.0 <= metrics[f"success_{i}"] <= 1.0 for i in range(1, K + 1))
+    assert metrics["success"] == pytest.approx(np.mean([metrics[f"success_{i}"] for i in range(1, K + 1)]))
+
+
+def test_success_counts_any_step_per_attempt(ml1_env, monkeypatch):
+    """Force the raw env's success flag on one step of attempt 2 only: success_2 = 1, others 0."""
+    ml1_env.reset(seed=5)
+    real_step = ml1_env.sim.step
+    calls = {"n": 0}
+
+    def fake_step(action):
+        obs, r, te, tr, info = real_step(action)
+        calls["n"] += 1
+        return obs, 1.0, te, tr, dict(info, success=float(calls["n"] == EP_LEN + 3))
+
+    monkeypatch.setattr(ml1_env.sim, "step", fake_step)
+    while True:
+        _, _, terminated, truncated, info = ml1_env.step(np.zeros(4, np.float32))
+        if terminated or truncated:
+            break
+    m = info["metrics"]
+    assert (m["success_1"], m["success_2"], m["success_3"]) == (0.0, 1.0, 0.0)
+    assert m["success"] == pytest.approx(1 / 3)
+    assert m["return"] == pytest.approx(K * EP_LEN * 1.0)  # total return over all k episodes
+
+
+def test_k_attempt_keys_general():
+    env = MetaWorldMetaEnv("ML1", "reach-v3", k_episodes=2, episode_length=3, seed=0)
+    m = rollout(env, seed=0)[-1]["info"]["metrics"]
+    assert set(m) == {"success_1", "success_2", "success", "return"}
+
+
+@pytest.fixture
+def few_goals(monkeypatch):
+    """Build ML45 with 2 goal variants per class instead of 50 (~7 s instead of ~25 s); the
+    class lists do not depend on it. The cache is cleared so no later user sees this copy."""
+    monkeypatch.setattr(metaworld, "_N_GOALS", 2)
+    metaworld_benchmark.cache_clear()
+    yield
+    metaworld_benchmark.cache_clear()
+
+
+def test_ml45_classes_and_pinned_test_task(few_goals):
+    bench = metaworld_benchmark("ML45", "reach-v3", 0)
+    assert sorted(bench.test_classes) == sorted(
+        ["bin-picking-v3", "box-close-v3", "hand-insert-v3", "door-lock-v3", "door-unlock-v3"])
+    assert len(bench.train_classes) == 45 and not set(bench.train_classes) & set(bench.test_classes)
+    env = MetaWorldMetaEnv("ML45", train=False, k_episodes=1, episode_length=3, seed=0)
+    assert sorted(env.task_names) == sorted(bench.test_classes)
+    env = MetaWorldMetaEnv("ML45", train=False, task="door-lock-v3", k_episodes=1, episode_length=3, seed=0)
+    assert rollout(env)[-1]["info"]["task"] == "door-lock-v3"
+    env = MetaWorldMetaEnv("ML45", train=True, k_episodes=1, episode_length=3, seed=0)
+    seen = {rollout(env)[-1]["info"]["task"] for _ in range(6)}
+    assert seen <= set(bench.train_classes) and len(seen) > 1  # samples among the 45 classes
+    with pytest.raises(AssertionError):
+        MetaWorldMetaEnv("ML45", train=True, task="door-lock-v3")  # a test class is not a train task
+
+
+def test_make_env_vector():
+    args = SimpleNamespace(seed=7, benchmark="ML1", ml1_task="push-v3", k_episodes=2)
+    envs = gym.vector.SyncVectorEnv([make_env(args, i, train=True) for i in range(2)])
+    obs, _ = envs.reset()
+    assert obs["obs"].shape == (2, 39)
+    assert [e.np_random is not None for e in envs.envs] == [True, True]
+    for _ in range(2 * 500):
+        obs, rew, term, trunc, info = envs.step(envs.action_space.sample())
+    assert trunc.all() and not term.any()
+    assert list(info["task"]) == ["push-v3", "push-v3"]
+    assert info["metrics"]["success"].shape == (2,)
+    envs.close()
+
+
+def test_summarize_eval():
+    per_task = {
+        "a": {"success_1": 1.0, "success_2": 1.0, "success_3": 0.0, "success": 2 / 3, "return": 30.0},
+        "b": {"success_1": 0.0, "success_2": 0.0, "success_3": 1.0, "success": 1 / 3, "return": 10.0},
+        "c": {"success_1": 1.0, "success_2": 1.0, "success_3": 1.0, "success": 1.0, "return": 50.0},
+    }
+    out = summarize_eval(per_task)
+    assert out["success"] == pytest.approx(2 / 3)
+    assert (out["success_1"], out["success_2"], out["success_3"]) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    assert out["skill_coverage"] == 2.0  # a (exactly 2/3) and c
+    assert out["return"] == pytest.approx(30.0)
+
+
+def test_encoder_shape_and_running_stats():
+    torch.manual_seed(0)
+    space = gym.spaces.Dict({"obs": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)})
+    enc = TimestepEncoder(space, action_dim=4, d_out=256)
+    B, L = 3, 7
+    obs = {"obs": torch.randn(B, L, 39) * 5 + 2}
+    act, rew, reset = torch.rand(B, L, 4) * 2 - 1, torch.rand(B, L) * 10, torch.zeros(B, L)
+    reset[:, 0] = 1
+    assert {"mean", "sq_mean", "count"} <= set(enc.state_dict())
+
+    enc.eval()
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    out = enc(obs, act, rew, reset)
+    assert out.shape == (B, L, 256)
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # eval: no update
+
+    enc.train()
+    out = enc(obs, act, rew, reset)
+    assert out.shape == (B, L, 256) and torch.isfinite(out).all()
+    assert enc.count.item() == 1 and not torch.equal(enc.mean, before["mean"])
+    # first update is bias-corrected: the stats equal the batch statistics exactly
+    x = torch.cat([obs["obs"], act, rew[..., None], reset[..., None]], -1).reshape(-1, 45)
+    torch.testing.assert_close(enc.mean, x.mean(0), rtol=1e-4, atol=1e-4)
+    out.sum().backward()  # gradients flow and the buffers are not parameters
+    assert all(p.grad is not None for p in enc.parameters())
+
+    # mask: statistics only from valid timesteps
+    enc2 = TimestepEncoder(space, action_dim=4).train()
+    mask = torch.zeros(B, L, dtype=torch.bool)
+    mask[:, :3] = True
+    obs_pad = {"obs": obs["obs"].clone()}
+    obs_pad["obs"][:, 3:] = 1e6  # padding garbage must not leak into the statistics
+    enc2(obs_pad, act, rew, reset, mask=mask)
+    torch.testing.assert_close(enc2.mean[:39], obs["obs"][:, :3].reshape(-1, 39).mean(0), rtol=1e-4, atol=1e-4)
+    enc2(obs_pad, act, rew, reset, mask=torch.zeros(B, L, dtype=torch.bool))
+    assert enc2.count.item() == 1  # an all-padding batch leaves the statistics alone
