@@ -730,7 +730,7 @@ class MetaRollouts:
         for k in obs:
             self.cur[k] = obs[k]
         self.cur["prev_action"] = np.asarray(actions, self.cur["prev_action"].dtype)
-        self.cur["prev_reward"] = info["policy_reward"].astype(np.float32)  # what the policy may see (POPGym hides nothing)
+        self.cur["prev_reward"] = info["policy_reward"].astype(np.float32)  # the reward the policy sees as input
         self.cur["reset"] = info["new_episode"].astype(np.float32)  # an inner episode restarted: d = 1, memory kept
         self.cur["time"] = self.cur["time"] + 1
         self._record(every, reward.astype(np.float32), terminated)
