@@ -194,7 +194,9 @@ def random_batch(agent, args, B=3):
     torch.manual_seed(2)
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[0, 9:] = False
-    return {"obs": torch.randn(B, L, 27), "prev_action": torch.randint(0, agent.action_dim, (B, L)),
+    prev_action = torch.randint(0, agent.action_dim, (B, L))
+    prev_action[0, 9] = A.NO_ACTION  # padding: the next rollout's first timestep
+    return {"obs": torch.randn(B, L, 27), "prev_action": prev_action,
             "prev_reward": torch.randn(B, L), "reset": torch.zeros(B, L), "time": torch.arange(L).repeat(B, 1),
             "reward": torch.randn(B, L), "terminal": torch.zeros(B, L, dtype=torch.bool), "mask": mask}
 
