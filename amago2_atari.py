@@ -669,7 +669,10 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     h = agent.states(batch, batch["mask"])  # (B, l+1, d)
     N = valid.numel()
     h_t, h_next = h[:, :-1].reshape(N, -1), h[:, 1:].detach().reshape(N, -1)
-    action = batch["prev_action"][:, 1:].reshape(N, 1, 1, *batch["prev_action"].shape[2:])  # a_t = prev action of t+1
+    action = batch["prev_action"][:, 1:]  # a_t is the previous action of timestep t+1
+    # padding past a rollout's end may hold the next rollout's NO_ACTION: any real action keeps the maths finite
+    action = torch.where(valid.view(*valid.shape, *[1] * (action.dim() - 2)), action, torch.zeros_like(action))
+    action = action.reshape(N, 1, 1, *action.shape[2:])
     # CRUCIAL: done is 1 only where the whole meta-rollout terminated, never at inner episode ends
     y = td_target(agent, h_next, batch["reward"][:, 1:].reshape(N).float(), batch["terminal"][:, 1:].reshape(N).float(), args)
     out = agent.critics(h_t, action_features(action, agent.action_dim))[:, 0]  # (N, G, C, out)
