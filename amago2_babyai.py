@@ -436,7 +436,8 @@ class SigmaReparamLinear(nn.Module):
                 self.v.copy_(F.normalize(self.weight.T @ self.u, dim=0))
                 self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
         sigma = self.u @ self.weight @ self.v
-        return F.linear(x, self.weight * (self.gain / sigma), self.bias)
+        # ((g / sigma) W) x == (g / sigma) (W x): scaling the output avoids materialising a new weight
+        return F.linear(x, self.weight) * (self.gain / sigma) + self.bias
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

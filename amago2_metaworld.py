@@ -1,19 +1,143 @@
-# AMAGO-2 on Meta-World ML45 / ML10 / ML1: results table in README.md#meta-world
+# AMAGO-2 on Meta-World ML45 (and ML10, ML1), continuous actions: results table in README.md#meta-world
+import copy
 import functools
-from typing import Callable
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import gymnasium as gym
 import metaworld
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
 
-# Fields of Args (written later) that this section reads:
-#   seed: int        experiment seed; env i samples tasks with seed + i
-#   benchmark: str   "ML45" | "ML10" | "ML1" (paper: ML45)
-#   ml1_task: str    the Meta-World v3 task class used when benchmark == "ML1", e.g. "reach-v3"
-#   k_episodes: int  episodes per meta-rollout on the same task variant (paper: 3)
+from common.replay import ReplayBuffer
+from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (runs/<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto picks cuda when a GPU is visible, else cpu"""
+    save_model: bool = False
+    """write a checkpoint (weights, optimiser, statistics, RNG, counters, replay buffer) every --checkpoint-every steps and at the end"""
+    checkpoint_every: int = 1_000_000
+    """environment steps between checkpoints (with --save-model)"""
+    resume: str | None = None
+    """a run folder (runs/<run_name>) to continue from its last good checkpoint; its saved flags are used, --total-timesteps may be raised"""
+
+    # Algorithm specific arguments
+    benchmark: Literal["ML45", "ML10", "ML1"] = "ML45"
+    """ML45: 45 training and 5 held-out task classes (paper Fig. 4); ML10: 10 and 5; ML1: one class, held-out goal variants"""
+    ml1_task: str = "reach-v3"
+    """the task class for --benchmark ML1, a Meta-World v3 name such as reach-v3, push-v3, pick-place-v3"""
+    k_episodes: int = 3
+    """episodes per meta-rollout on the same task variant (paper Fig. 4: a 3-episode adaptation horizon)"""
+    episode_length: int = 500
+    """steps per inner episode (Meta-World's 500); a test/debug knob: results use 500"""
+    actor_loss: Literal["ind", "dep"] = "ind"
+    """ind: CRR binary filter (Eq. 4); dep: maximise Q (Eq. 2)"""
+    critic_loss: Literal["ind", "dep"] = "ind"
+    """ind: two-hot classification (Eq. 3); dep: PopArt-normalised MSE (Eq. 1)"""
+    total_timesteps: int = 100_000_000
+    """total environment steps (paper Fig. 4: 100M)"""
+    num_envs: int = 24
+    """parallel environments (our choice; the paper does not state it)"""
+    async_envs: bool = False
+    """step envs in subprocesses (gymnasium AsyncVectorEnv); a MuJoCo step costs ~0.2-0.4 ms, so worth it when CPU cores are free"""
+    steps_per_epoch: int = 1000
+    """steps collected per env between update phases (official library default)"""
+    updates_per_epoch: int = 1000
+    """gradient updates per epoch (official library default)"""
+    buffer_size: int = 8_000_000
+    """replay capacity in timesteps (paper Table 1, Meta-World: 8M, ~1.6 GiB)"""
+    batch_size: int = 24
+    """sequences per batch (paper Table 1)"""
+    context_len: int = 256
+    """context length l in timesteps (paper Table 2, Meta-World)"""
+    d_token: int = 256
+    """timestep encoder output size (paper Table 2: FF(512, 256))"""
+    d_model: int = 320
+    """Transformer width (paper Table 2, Meta-World)"""
+    d_ff: int = 1280
+    """Transformer feed-forward width (paper Table 2, Meta-World)"""
+    n_layers: int = 3
+    """Transformer layers (paper Table 2)"""
+    n_heads: int = 8
+    """attention heads (paper Table 2)"""
+    dropout: float = 0.05
+    """embedding and feed-forward dropout (official library)"""
+    gammas: list[float] = field(default_factory=lambda: [0.1, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999])
+    """learning discounts, one actor output and one critic input each (paper Table 1)"""
+    rollout_gamma: float = 0.999
+    """the gamma whose actor head acts in rollouts (paper Table 1); must be one of --gammas"""
+    num_critics: int = 4
+    """critic ensemble size (paper Table 1)"""
+    num_bins: int = 128
+    """two-hot bins B for --critic-loss ind (paper Table 2, Meta-World)"""
+    head_hidden: int = 256
+    """hidden width of the actor and critic MLPs (256, 256) (paper Table 2)"""
+    tau: float = 0.003
+    """EMA rate of the target actor and critic heads (paper Table 1)"""
+    critic_weight: float = 10.0
+    """lambda in actor_loss + lambda * critic_loss (official library)"""
+    reward_multiplier: float = 1.0
+    """reward scale inside the loss only (official library, Meta-World)"""
+    crr_samples: int = 3
+    """policy samples in the CRR advantage baseline (official library)"""
+    crr_threshold: float = 0.0
+    """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
+    popart_beta: float = 5e-4
+    """PopArt statistics rate for --critic-loss dep (official library)"""
+    learning_rate: float = 5e-4
+    """AdamW learning rate (paper Table 1, Meta-World)"""
+    weight_decay: float = 1e-4
+    """AdamW decay, the paper's L2 penalty (paper Table 1, Meta-World)"""
+    grad_clip: float = 2.0
+    """global gradient-norm clip (paper Table 1, Meta-World)"""
+    warmup_updates: int = 500
+    """linear learning-rate warmup (official library)"""
+    eps_start: float = 1.0
+    """exploration noise scale at the start of training (official library)"""
+    eps_end: float = 0.05
+    """exploration noise scale after annealing (official library)"""
+    eps_anneal_steps: int = 1_000_000
+    """steps per env over which epsilon anneals (official library)"""
+    eps_rollout_end: float = 0.2
+    """epsilon at a meta-rollout's last step as a fraction of its first (official library: 0.8 early in training, 0.2 once annealed)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
+    kv_cache: bool = True
+    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
+    buffer_dir: str | None = None
+    """keep the replay buffer memory-mapped in this folder instead of RAM"""
+    eval_every: int = 1_000_000
+    """environment steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 3
+    """evaluation meta-rollouts per task (ML45: 3 x 50 tasks x 1,500 steps = 225k steps; our choice, kept affordable)"""
+    log_every: float = 30.0
+    """seconds between progress lines"""
+
+    # filled in at runtime
+    run_name: str = ""
+    """runs/<run_name>: filled in at runtime"""
+
+
+# ======================================================================================
+# Environment: one gymnasium episode = one meta-rollout of k inner episodes on one task variant
+# ======================================================================================
 # The goal variants belong to the benchmark, not to the run: every env and every experiment seed
 # builds them with this seed, so all of them train and evaluate on the same variants.
 BENCHMARK_SEED = 0
@@ -22,10 +146,10 @@ BENCHMARK_SEED = 0
 @functools.lru_cache(maxsize=None)
 def metaworld_benchmark(benchmark: str, ml1_task: str, seed: int) -> metaworld.Benchmark:
     """Meta-World's own benchmark object: train/test task classes and 50 goal variants per class.
-    Building it resets every class 50 times (ML45: ~25 s), so it is built once per process."""
+    Building it resets every class 50 times (ML45: ~30 s), so it is built once per process."""
+    print(f"building Meta-World {benchmark} (ML45 takes ~30 s)", flush=True)
     if benchmark == "ML1":  # one class; train and test are disjoint sets of goal variants
         return metaworld.ML1(ml1_task, seed=seed)
-    assert benchmark in ("ML10", "ML45"), benchmark
     return getattr(metaworld, benchmark)(seed=seed)  # held-out test classes, unseen in training
 
 
@@ -35,7 +159,9 @@ class MetaWorldMetaEnv(gym.Env):
     reset() samples a task class uniformly, then one of its goal variants uniformly. The goal is
     hidden from the 39-d state (the ML benchmarks zero it), so the agent must find it by trial
     and use what it learnt in the next attempts. The reset bit is not in obs: the shared core
-    builds it from info["new_episode"] (and from reset)."""
+    builds it from info["new_episode"] (and from reset). Held-out test tasks report their name as
+    "test/<task>" so that evaluation keeps them apart from the training tasks.
+    """
 
     def __init__(self, benchmark: str = "ML45", ml1_task: str = "reach-v3", train: bool = True,
                  k_episodes: int = 3, episode_length: int = 500, task: str | None = None,
@@ -45,13 +171,12 @@ class MetaWorldMetaEnv(gym.Env):
         tasks = bench.train_tasks if train else bench.test_tasks
         self.task_names = [task] if task is not None else list(classes)
         assert all(name in classes for name in self.task_names), f"{task} not in {list(classes)}"
-        self.classes = classes
+        self.classes, self.prefix = classes, "" if train else "test/"
         self.variants = {name: [v for v in tasks if v.env_name == name] for name in self.task_names}
         self.k, self.episode_length = k_episodes, episode_length
         self.observation_space = gym.spaces.Dict({"obs": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)})
         self.action_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
         self.np_random = np.random.default_rng(seed)
-        self.action_space.seed(seed)
         # one simulator, rebuilt only when the sampled class changes (~0.1 s): keeping all 45 ML45
         # classes alive would cost ~20 MB each, i.e. ~1 GB per parallel env
         self.sim, self.sim_name = None, None
@@ -92,7 +217,7 @@ class MetaWorldMetaEnv(gym.Env):
                 info["new_episode"] = True
             else:  # the k-th episode ended: a time limit, not a terminal (the critic may bootstrap)
                 truncated = True
-                info["task"] = self.task
+                info["task"] = self.prefix + self.task
                 info["metrics"] = {f"success_{i + 1}": float(s) for i, s in enumerate(self.successes)}
                 info["metrics"]["success"] = float(self.successes.mean())
                 info["metrics"]["return"] = self.total_return
@@ -103,68 +228,776 @@ class MetaWorldMetaEnv(gym.Env):
             self.sim.close()
 
 
-def make_env(args, env_idx: int, train: bool, task: str | None = None) -> Callable[[], gym.Env]:
+def make_env(args: Args, env_idx: int, train: bool, task: str | None = None):
     # build the benchmark here, in the parent process: sync vector envs and forked workers then
-    # share this one cached copy instead of each paying ~25 s (ML45) to build their own
+    # share this one cached copy instead of each paying ~30 s (ML45) to build their own
     metaworld_benchmark(args.benchmark, args.ml1_task, BENCHMARK_SEED)
+    # seeds come from MetaRollouts.restart (train: args.seed + i, evaluation: a disjoint range)
+    return lambda: MetaWorldMetaEnv(args.benchmark, args.ml1_task, train, args.k_episodes, args.episode_length, task)
 
-    def thunk():
-        return MetaWorldMetaEnv(args.benchmark, args.ml1_task, train, args.k_episodes, task=task,
-                                seed=args.seed + env_idx)
 
-    return thunk
+def make_eval_envs(args: Args) -> list:
+    """One evaluation env pinned to each training task and one to each held-out test task ("test/<task>")."""
+    bench = metaworld_benchmark(args.benchmark, args.ml1_task, BENCHMARK_SEED)
+    train = [make_env(args, i, train=True, task=task) for i, task in enumerate(bench.train_classes)]
+    test = [make_env(args, len(train) + i, train=False, task=task) for i, task in enumerate(bench.test_classes)]
+    return train + test
+
+
+def check_env_args(args: Args):
+    known = metaworld.env_dict.ALL_V3_ENVIRONMENTS
+    if args.benchmark == "ML1" and args.ml1_task not in known:
+        fail(f"unknown --ml1-task {args.ml1_task!r}; choose from: {', '.join(sorted(known))}")
+    for name in ["k_episodes", "episode_length"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
 
 def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Mean metrics per task -> the paper's aggregate numbers (every task weighs the same)."""
-    first = next(iter(per_task.values()))
-    keys = ["success", "return"] + [key for key in first if key.startswith("success_")]
-    out = {key: float(np.mean([m[key] for m in per_task.values()])) for key in keys}
-    # skill coverage: tasks solved in at least 2 of 3 attempts on average (tolerance: float means)
-    out["skill_coverage"] = float(sum(m["success"] >= 2 / 3 - 1e-6 for m in per_task.values()))
+    """The paper's Fig. 4 numbers, over training tasks and over held-out test tasks separately (every task weighs
+    the same): success rate, success by attempt, total k-episode return, skill coverage (tasks with success >= 2/3)."""
+    out = {}
+    for split in ["train", "test"]:
+        tasks = [m for name, m in per_task.items() if name.startswith("test/") == (split == "test")]
+        for key in tasks[0] if tasks else []:
+            out[f"{split}/{key}"] = float(np.mean([m[key] for m in tasks]))
+        if tasks:  # a tolerance: success is a mean over attempts, 2/3 may be stored as 0.6666...
+            out[f"{split}/skill_coverage"] = float(sum(m["success"] >= 2 / 3 - 1e-6 for m in tasks))
     return out
 
 
-# ---- shared core goes here ----
+class InputNorm(nn.Module):
+    """Running mean/std of the raw timestep input (official library: momentum 1e-4, bias-corrected)."""
+
+    def __init__(self, dim: int, momentum: float = 1e-4):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("sq_mean", torch.zeros(dim))
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                valid = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
+                if len(valid):
+                    m = self.momentum
+                    self.mean.lerp_(valid.mean(0), m)
+                    self.sq_mean.lerp_(valid.pow(2).mean(0), m)
+                    self.count += 1
+        if self.count == 0:
+            return x
+        correction = 1 - (1 - self.momentum) ** self.count
+        mean, sq_mean = self.mean / correction, self.sq_mean / correction
+        std = (sq_mean - mean.pow(2)).clamp(min=0).sqrt()
+        # rare binary features (the reset bit) have tiny std: clip so they cannot blow up the MLP
+        return ((x - mean) / (std + 1e-5)).clamp(-10, 10)
 
 
 class TimestepEncoder(nn.Module):
-    """State-based timestep encoder: [obs, prev action, prev reward, reset bit] -> MLP -> LayerNorm."""
+    """State-based timestep encoder (SPEC 1): [obs, prev action, prev reward, reset] -> norm -> MLP -> LayerNorm."""
 
-    def __init__(self, obs_space, action_dim: int, d_out: int = 256, momentum: float = 1e-4):
+    def __init__(self, obs_space: gym.spaces.Dict, action_dim: int, d_out: int):
         super().__init__()
+        self.action_dim = action_dim
         d_in = obs_space["obs"].shape[0] + action_dim + 2
-        # running input statistics (official library): buffers, so they are saved in state_dict.
-        # Starting at mean 0 / second moment 1 with rate momentum / (1 - (1 - momentum)^t) is the
-        # bias-corrected EMA, and leaves inputs unchanged until the first update.
-        self.momentum = momentum
-        self.register_buffer("mean", torch.zeros(d_in))
-        self.register_buffer("sq_mean", torch.ones(d_in))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.norm = InputNorm(d_in)
         self.mlp = nn.Sequential(
-            nn.Linear(d_in, 512), nn.LeakyReLU(),
-            nn.Linear(512, 512), nn.LeakyReLU(),
-            nn.Linear(512, d_out),
+            nn.Linear(d_in, 512), nn.LeakyReLU(), nn.Linear(512, 512), nn.LeakyReLU(), nn.Linear(512, d_out), nn.LayerNorm(d_out)
         )
-        self.norm = nn.LayerNorm(d_out)
+
+    def forward(self, obs, prev_action, prev_reward, reset, mask=None):
+        # obs["obs"]: (B, L, 39), prev_action: (B, L, 4) float in [-1, 1], prev_reward / reset: (B, L)
+        x = torch.cat([obs["obs"], action_features(prev_action, self.action_dim), prev_reward[..., None], reset[..., None]], -1)
+        return self.mlp(self.norm(x.float(), mask))
+
+
+# ======================================================================================
+# Action distribution (continuous): the actor and the places that depend on the action type
+# ======================================================================================
+NO_ACTION = 0.0  # the "previous action" at a meta-rollout start: a zero vector (SPEC 1)
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the actor's log-std is squashed into this range (official library)
+
+
+def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
+    """How an action enters the critic and the timestep token: the raw vector in [-1, 1]. (..., A) -> (..., A)."""
+    return actions.float()
+
+
+class TanhGaussian:
+    """Diagonal Gaussians squashed by tanh into [-1, 1]: what the core asks of a distribution. mean, std: (..., G, A)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        self.normal = torch.distributions.Normal(mean, std)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return torch.tanh(self.normal.sample(sample_shape))  # (*sample_shape, ..., G, A)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return torch.tanh(self.normal.rsample(sample_shape))  # reparameterised: differentiable in mean and std
+
+    def log_prob(self, action: torch.Tensor) -> torch.Tensor:
+        """log pi(a) = log N(atanh a) - sum log(1 - a^2) (the tanh Jacobian). (..., G, A) -> (..., G).
+
+        Buffer actions are clamped to +-0.99 first: exploration noise is clipped to the box, and at +-1 the
+        inverse tanh is infinite (official library)."""
+        a = action.float().clamp(-0.99, 0.99)
+        return (self.normal.log_prob(torch.atanh(a)) - torch.log1p(-a.pow(2))).sum(-1)
+
+
+class Actor(nn.Module):
+    """MLP (256, 256) -> G tanh-squashed Gaussians, one per gamma (shared hidden layers, G output slices)."""
+
+    def __init__(self, d_model: int, action_dim: int, num_gammas: int, hidden: int):
+        super().__init__()
+        self.action_dim, self.num_gammas = action_dim, num_gammas
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * 2 * action_dim)
+        )
+
+    def forward(self, h: torch.Tensor) -> TanhGaussian:
+        out = self.mlp(h).float().unflatten(-1, (self.num_gammas, 2, self.action_dim))  # (..., G, 2, A)
+        mean, log_std = out.unbind(-2)
+        log_std = LOG_STD_MIN + (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1) / 2  # smooth squash into [-5, 2]
+        return TanhGaussian(mean, log_std.exp())
+
+
+def dpg_actor_loss(agent, h: torch.Tensor, dist, critic_loss: str) -> torch.Tensor:
+    """Eq. 2, continuous: -min_c Q_c(h, a) with a ~ pi(h) a reparameterised sample. Returns (N, G).
+
+    CRUCIAL: the critics are evaluated with detached copies of their weights on a detached state, so the
+    gradient flows only through the action into the actor (and, through the actor head, the Transformer);
+    the critic weights get none.
+    """
+    frozen = {name: p.detach() for name, p in agent.critics.named_parameters()}
+
+    def frozen_critics(h, action_feats):
+        return torch.func.functional_call(agent.critics, frozen, (h, action_feats))
+
+    actions = dist.rsample()[:, None]  # (N, 1, G, A): each gamma's own policy
+    q = agent.q_values(frozen_critics, h.detach(), actions, normalized=critic_loss == "dep")[:, 0]  # (N, G, C)
+    return -q.min(-1).values  # pessimistic over the ensemble
+
+
+def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Box, rng: np.random.Generator,
+            t: np.ndarray, args: Args) -> np.ndarray:
+    """Gaussian noise of std epsilon on top of policy sampling, then clip to the action box. Epsilon also decays
+    within the meta-rollout, linearly in the time index t to eps_rollout_end x epsilon at its last step."""
+    progress = t / (args.k_episodes * args.episode_length)  # (E,) in [0, 1)
+    std = epsilon * (1 - (1 - args.eps_rollout_end) * progress)
+    noisy = actions + std[:, None] * rng.standard_normal(actions.shape)
+    return np.clip(noisy, action_space.low, action_space.high).astype(actions.dtype)
+
+
+# ---- shared core: the same text in every amago2_*.py (tests/test_shared_core.py) ----
+class SigmaReparamLinear(nn.Module):
+    """sigma-reparam: effective weight (g / sigma(W)) W, sigma(W) from one power-iteration step per training forward."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        layer = nn.Linear(d_in, d_out)
+        self.weight, self.bias = layer.weight, layer.bias
+        self.gain = nn.Parameter(torch.ones(()))
+        self.register_buffer("u", F.normalize(torch.randn(d_out), dim=0))
+        self.register_buffer("v", F.normalize(torch.randn(d_in), dim=0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():  # u, v are estimates, not parameters: no gradient through them
+                self.v.copy_(F.normalize(self.weight.T @ self.u, dim=0))
+                self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
+        sigma = self.u @ self.weight @ self.v
+        # ((g / sigma) W) x == (g / sigma) (W x): scaling the output avoids materialising a new weight
+        return F.linear(x, self.weight) * (self.gain / sigma) + self.bias
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed sin/cos embedding of the absolute time index t (counted from the meta-rollout start). (...) -> (..., dim)."""
+    freqs = torch.exp(-np.log(10000.0) * torch.arange(0, dim, 2, device=t.device) / dim)
+    angles = t[..., None].float() * freqs
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm_attn_in, self.norm_attn_out = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model), SigmaReparamLinear(d_model, d_model)
+        self.head_scale = nn.Parameter(torch.ones(n_heads))  # NormFormer: learnable per-head scale
+        self.norm_ff_in, self.norm_ff_mid = nn.LayerNorm(d_model), nn.LayerNorm(d_ff)
+        self.ff1, self.ff2 = SigmaReparamLinear(d_model, d_ff), SigmaReparamLinear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.norm_attn_in(x)).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if cache is None:  # training / full recompute: (B, H, L, dh), causal
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # rollout: one new token per env attends to that env's cached keys and values
+            k, v, valid = cache.write(self, k, v)
+            a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid)
+        a = (a * self.head_scale.view(1, -1, 1, 1)).transpose(1, 2).reshape(B, L, D)
+        x = x + self.dropout(self.norm_attn_out(self.attn_out(a)))  # NormFormer: LayerNorm after attention
+        f = self.ff2(self.dropout(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x))))))
+        return x + self.dropout(f)
+
+
+class KVCache:
+    """Per-env key/value cache for rollouts: each env has its own length, emptied when its env starts a new
+    meta-rollout. Past `context_len` tokens it becomes a sliding window (a ring: attention ignores order,
+    and positions were added to the tokens before the keys were computed, so they stay absolute)."""
+
+    def __init__(self, model: "Transformer", num_envs: int, context_len: int, device):
+        d_head = model.d_model // model.n_heads
+        shape = (num_envs, model.n_heads, context_len, d_head)
+        self.k = {layer: torch.zeros(shape, device=device) for layer in model.layers}
+        self.v = {layer: torch.zeros(shape, device=device) for layer in model.layers}
+        self.length = torch.zeros(num_envs, dtype=torch.long, device=device)  # tokens seen this meta-rollout
+        self.context_len = context_len
+
+    def reset(self, envs: torch.Tensor):
+        self.length[envs] = 0
+
+    def write(self, layer, k: torch.Tensor, v: torch.Tensor):
+        envs = torch.arange(len(self.length), device=k.device)
+        slot = self.length % self.context_len
+        self.k[layer][envs, :, slot] = k[:, :, 0].float()
+        self.v[layer][envs, :, slot] = v[:, :, 0].float()
+        filled = torch.clamp(self.length + 1, max=self.context_len)
+        valid = torch.arange(self.context_len, device=k.device)[None, :] < filled[:, None]  # (E, l)
+        return self.k[layer], self.v[layer], valid[:, None, None, :]
+
+    def advance(self):
+        self.length += 1
+
+    def __call__(self, transformer: "Transformer", tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One new token per env: (E, 1, d_token) -> h (E, d_model)."""
+        return transformer(tokens, t, self)[:, 0]
+
+
+class Transformer(nn.Module):
+    """Input Linear + sinusoidal absolute positions + embedding dropout, layers, final LayerNorm."""
+
+    def __init__(self, d_token: int, d_model: int, n_layers: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.d_model, self.n_heads = d_model, n_heads
+        self.inp = nn.Linear(d_token, d_model)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(TransformerLayer(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        # tokens: (B, L, d_token), t: (B, L) absolute time index -> (B, L, d_model); with a cache, L == 1
+        x = self.emb_dropout(self.inp(tokens) + sinusoidal_embedding(t, self.d_model))
+        for layer in self.layers:
+            x = layer(x, cache)
+        if cache is not None:
+            cache.advance()
+        return self.norm(x)
+
+
+class CriticEnsemble(nn.Module):
+    """C critic MLPs (256, 256) on [h, gamma feature, action], evaluated as one batched computation.
+
+    The first layer is split by input part: the state part h @ W_h is computed once and shared by
+    every gamma and action evaluated at that state, which is where most of an update's time would
+    otherwise go. The maths is that of concatenating the inputs.
+    """
+
+    def __init__(self, d_model: int, action_dim: int, gammas: torch.Tensor, hidden: int, out: int, num_critics: int):
+        super().__init__()
+
+        def param(*shape, fan_in):
+            return nn.Parameter(torch.empty(num_critics, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
+
+        fan1 = d_model + 1 + action_dim
+        self.w_state, self.w_gamma, self.w_action = param(d_model, hidden, fan_in=fan1), param(1, hidden, fan_in=fan1), param(action_dim, hidden, fan_in=fan1)
+        self.b1, self.w2, self.b2 = param(1, hidden, fan_in=fan1), param(hidden, hidden, fan_in=hidden), param(1, hidden, fan_in=hidden)
+        self.w3, self.b3 = param(hidden, out, fan_in=hidden), param(1, out, fan_in=hidden)
+        self.register_buffer("gamma_feature", symlog(1.0 / (1.0 - gammas))[:, None])  # (G, 1): symlog(1 / (1 - gamma))
+
+    def forward(self, h: torch.Tensor, action_feats: torch.Tensor) -> torch.Tensor:
+        # h: (N, d); action_feats: (N, K, G or 1, A), K actions per state -> (N, K, G, C, out)
+        N, K, Ga, _ = action_feats.shape
+        G, C = len(self.gamma_feature), self.w_state.shape[0]
+        state = torch.einsum("nd,cdh->cnh", h, self.w_state)  # (C, N, H): once per state
+        action = torch.einsum("nkga,cah->cnkgh", action_feats, self.w_action)  # (C, N, K, Ga, H)
+        gamma = torch.einsum("gi,cih->cgh", self.gamma_feature, self.w_gamma)  # (C, G, H)
+        x = F.leaky_relu(state[:, :, None, None] + action + gamma[:, None, None] + self.b1[:, None, None])
+        x = x.reshape(C, N * K * G, -1)  # (C, N*K*G, H)
+        x = F.leaky_relu(torch.baddbmm(self.b2, x, self.w2))
+        x = torch.baddbmm(self.b3, x, self.w3)  # (C, N*K*G, out)
+        return x.view(C, N, K, G, -1).permute(1, 2, 3, 0, 4)
+
+
+class PopArt(nn.Module):
+    """One global (task-agnostic) PopArt layer per gamma for --critic-loss dep (paper App. B).
+
+    Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed
+    w, b are rescaled so the denormalised output sigma * (w x + b) + mu is unchanged.
+    """
+
+    def __init__(self, num_gammas: int, beta: float):
+        super().__init__()
+        self.beta = beta
+        for name, init in [("mu", 0.0), ("nu", 100.0), ("w", 1.0), ("b", 0.0)]:
+            self.register_buffer(name, torch.full((num_gammas,), init))
+        self.register_buffer("updates", torch.zeros(()))
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return (self.nu - self.mu**2).clamp(min=1e-4).sqrt()
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w * x + self.b  # x: (..., G)
+
+    def denormalized(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sigma * self.normalized(x) + self.mu
 
     @torch.no_grad()
-    def update_stats(self, x: torch.Tensor, mask: torch.Tensor | None):
-        x = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]  # (N, d_in), valid steps only
-        if x.shape[0] == 0:
-            return
-        self.count += 1
-        rate = (self.momentum / (1 - (1 - self.momentum) ** self.count.double())).to(x.dtype)
-        self.mean.lerp_(x.mean(0), rate)
-        self.sq_mean.lerp_(x.pow(2).mean(0), rate)
+    def update(self, y: torch.Tensor):
+        """y: (M, G) valid TD targets. Bias-corrected rate beta_t = beta / (1 - (1 - beta)^t)."""
+        self.updates += 1
+        beta_t = self.beta / (1 - (1 - self.beta) ** self.updates)
+        old_mu, old_sigma = self.mu.clone(), self.sigma
+        self.mu.lerp_(y.mean(0), beta_t)
+        self.nu.lerp_(y.pow(2).mean(0), beta_t)
+        self.w.mul_(old_sigma / self.sigma)
+        self.b.copy_((old_sigma * self.b + old_mu - self.mu) / self.sigma)
 
-    def forward(self, obs: dict, prev_action: torch.Tensor, prev_reward: torch.Tensor,
-                reset: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        o = obs["obs"]
-        x = torch.cat([o, prev_action.to(o.dtype), prev_reward[..., None].to(o.dtype),
-                       reset[..., None].to(o.dtype)], dim=-1)  # (B, L, d_in)
-        if self.training:
-            self.update_stats(x, mask)
-        # floor on std: a feature that was constant so far must not become a huge-gain input
-        std = (self.sq_mean - self.mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-3)
-        return self.norm(self.mlp((x - self.mean) / std))  # (B, L, d_out)
+
+class Agent(nn.Module):
+    """Timestep encoder -> Transformer -> h_t; actor and critic heads on h_t; EMA copies of the heads only."""
+
+    def __init__(self, obs_space: gym.spaces.Dict, action_dim: int, args: Args):
+        super().__init__()
+        self.action_dim, self.obs_keys = action_dim, list(obs_space.keys())
+        self.register_buffer("gammas", torch.tensor(args.gammas))
+        self.rollout_gamma = args.gammas.index(args.rollout_gamma)
+        self.register_buffer("bins", bin_supports(args.num_bins))
+        self.encoder = TimestepEncoder(obs_space, action_dim, args.d_token)
+        self.transformer = Transformer(args.d_token, args.d_model, args.n_layers, args.n_heads, args.d_ff, args.dropout)
+        self.actor = Actor(args.d_model, action_dim, len(args.gammas), args.head_hidden)
+        out = args.num_bins if args.critic_loss == "ind" else 1
+        self.critics = CriticEnsemble(args.d_model, action_dim, self.gammas, args.head_hidden, out, args.num_critics)
+        self.popart = PopArt(len(args.gammas), args.popart_beta)
+        # CRUCIAL: no target encoder or Transformer; only the heads have EMA copies
+        self.target_actor, self.target_critics = copy.deepcopy(self.actor), copy.deepcopy(self.critics)
+        for p in [*self.target_actor.parameters(), *self.target_critics.parameters()]:
+            p.requires_grad_(False)
+
+    def states(self, batch: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h for every timestep of a batch of windows: (B, L) -> (B, L, d_model)."""
+        obs = {k: batch[k] for k in self.obs_keys}
+        tokens = self.encoder(obs, batch["prev_action"], batch["prev_reward"], batch["reset"], mask)
+        return self.transformer(tokens, batch["time"])
+
+    def scalar_q(self, out: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C): two-hot expectation, or PopArt (normalised or not)."""
+        out = out.float()
+        if out.shape[-1] > 1:
+            return bins_to_scalar(out.softmax(-1), self.bins)
+        x = out[..., 0].transpose(-1, -2)  # (..., C, G): PopArt is per gamma
+        return (self.popart.normalized(x) if normalized else self.popart.denormalized(x)).transpose(-1, -2)
+
+    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
+        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), normalized)
+
+    @torch.no_grad()
+    def ema_update(self, tau: float):
+        for online, target in [(self.actor, self.target_actor), (self.critics, self.target_critics)]:
+            for p, tp in zip(online.parameters(), target.parameters()):
+                tp.lerp_(p, tau)
+
+
+# ---- losses (paper Section 3; SPEC 3-4) ----
+def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
+    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), a' ~ target actor, Qbar = mean of 2
+    target critics drawn at random per sample. h_next: (N, d), reward / done: (N,) -> y: (N, G)."""
+    with torch.no_grad():
+        a_next = agent.target_actor(h_next).sample()  # (N, G): each gamma's own policy
+        q = agent.q_values(agent.target_critics, h_next, a_next[:, None])[:, 0]  # (N, G, C), denormalised
+        pick = torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device)
+        q_bar = q.gather(-1, pick).mean(-1)  # (N, G)
+        return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
+
+
+def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: cross-entropy to twohot(symlog(y)), the same label for every critic. out: (N, G, C, B) -> (N, G, C)."""
+    label = twohot(symlog(y), agent.bins)[:, :, None]  # (N, G, 1, B)
+    return -(label * out.float().log_softmax(-1)).sum(-1)
+
+
+def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 with PopArt: update the statistics from the valid targets, then (w x + b - (y - mu) / sigma)^2."""
+    agent.popart.update(y[valid])
+    target = (y - agent.popart.mu) / agent.popart.sigma  # (N, G)
+    pred = agent.popart.normalized(out[..., 0].float().transpose(1, 2))  # (N, C, G)
+    return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
+
+
+def crr_filter(agent: Agent, h: torch.Tensor, dist, q_buffer: torch.Tensor, args: Args) -> torch.Tensor:
+    """Eq. 4's binary weight 1{A > threshold}, A = mean_c Q_c(h, a_buffer) - mean over policy samples of mean_c Q_c(h, a_k).
+    Online critics, no grad. h: (N, d), q_buffer: (N, G, C) -> (N, G)."""
+    with torch.no_grad():
+        samples = dist.sample((args.crr_samples,)).transpose(0, 1)  # (N, K, G)
+        baseline = agent.q_values(agent.critics, h.detach(), samples).mean(-1).mean(1)  # (N, G)
+        return (q_buffer.mean(-1) - baseline > args.crr_threshold).float()
+
+
+def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
+    """Both losses on a batch of windows of l+1 timesteps: transition t uses h_t, h_{t+1} and the data of row t+1."""
+    valid = batch["mask"][:, 1:]  # (B, l): transition t is real iff timestep t+1 is real
+    h = agent.states(batch, batch["mask"])  # (B, l+1, d)
+    N = valid.numel()
+    h_t, h_next = h[:, :-1].reshape(N, -1), h[:, 1:].detach().reshape(N, -1)
+    action = batch["prev_action"][:, 1:]  # a_t is the previous action of timestep t+1
+    # padding past a rollout's end may hold the next rollout's NO_ACTION: any real action keeps the maths finite
+    action = torch.where(valid.view(*valid.shape, *[1] * (action.dim() - 2)), action, torch.zeros_like(action))
+    action = action.reshape(N, 1, 1, *action.shape[2:])
+    # CRUCIAL: done is 1 only where the whole meta-rollout terminated, never at inner episode ends
+    y = td_target(agent, h_next, batch["reward"][:, 1:].reshape(N).float(), batch["terminal"][:, 1:].reshape(N).float(), args)
+    out = agent.critics(h_t, action_features(action, agent.action_dim))[:, 0]  # (N, G, C, out)
+    valid = valid.reshape(N)
+    if args.critic_loss == "ind":
+        critic = critic_loss_ind(agent, out, y)
+    else:
+        critic = critic_loss_dep(agent, out, y, valid)
+
+    dist = agent.actor(h_t)  # G distributions over (N,)
+    if args.actor_loss == "ind":
+        keep = crr_filter(agent, h_t, dist, agent.scalar_q(out.detach()), args)  # (N, G)
+        a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
+        actor = -keep * dist.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
+    else:
+        actor = dpg_actor_loss(agent, h_t, dist, args.critic_loss)
+
+    def masked_mean(x):  # mean over valid transitions (filtered CRR steps stay in the denominator)
+        return (x.reshape(N, -1).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
+
+    actor_loss, critic_loss = masked_mean(actor), masked_mean(critic)
+    metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss, "losses/td_target_mean": masked_mean(y)}
+    if args.actor_loss == "ind":
+        metrics["losses/crr_kept_fraction"] = masked_mean(keep)
+    return actor_loss + args.critic_weight * critic_loss, metrics
+
+
+# ---- rollouts ----
+class TokenHistory:
+    """--no-kv-cache: keep each env's last context_len tokens and re-run the whole Transformer every step."""
+
+    def __init__(self, num_envs: int, context_len: int, d_token: int, device):
+        self.tokens = torch.zeros(num_envs, context_len, d_token, device=device)
+        self.t = torch.zeros(num_envs, context_len, dtype=torch.long, device=device)
+        self.length = torch.zeros(num_envs, dtype=torch.long, device=device)
+
+    def reset(self, envs: torch.Tensor):
+        self.length[envs] = 0
+
+    def __call__(self, transformer: Transformer, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        full = self.length >= self.tokens.shape[1]  # sliding window: drop the oldest token
+        self.tokens[full], self.t[full] = self.tokens[full].roll(-1, 1), self.t[full].roll(-1, 1)
+        pos = self.length.clamp(max=self.tokens.shape[1] - 1)
+        envs = torch.arange(len(pos), device=pos.device)
+        self.tokens[envs, pos], self.t[envs, pos] = tokens[:, 0], t[:, 0]
+        self.length += 1
+        n = int(pos.max()) + 1  # causal: the zeros after an env's own tokens do not change its output
+        return transformer(self.tokens[:, :n], self.t[:, :n])[envs, pos]
+
+
+class MetaRollouts:
+    """A vector env plus what each token needs beyond the observation: the previous action and reward, the
+    reset bit d (1 at the first step of every inner episode), the absolute time index and the rollout id.
+    With a buffer, every timestep (the final one of each rollout included) is written to it."""
+
+    def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
+        self.envs, self.buffer, self.device = envs, buffer, device
+        E, space = envs.num_envs, envs.single_action_space
+        self.context = (KVCache(agent.transformer, E, args.context_len, device) if args.kv_cache
+                        else TokenHistory(E, args.context_len, args.d_token, device))
+        self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
+        self.cur.update(prev_action=np.zeros((E, *space.shape), space.dtype), prev_reward=np.zeros(E, np.float32),
+                        reset=np.zeros(E, np.float32), time=np.zeros(E, np.int64), rollout_id=np.zeros(E, np.int64))
+
+    def restart(self, seed: int):
+        """Start a new meta-rollout in every env."""
+        obs, _ = self.envs.reset(seed=[seed + i for i in range(self.envs.num_envs)])
+        self._begin(np.arange(self.envs.num_envs), obs)
+
+    def _begin(self, idx: np.ndarray, obs: dict):
+        for k in obs:
+            self.cur[k][idx] = obs[k][idx]
+        self.cur["prev_action"][idx], self.cur["prev_reward"][idx], self.cur["time"][idx] = NO_ACTION, 0.0, 0
+        self.cur["reset"][idx] = 1.0  # the first step of a meta-rollout is the first step of an episode
+        self.cur["rollout_id"][idx] = self.buffer.new_rollout_ids(len(idx)) if self.buffer else 0
+        self.context.reset(torch.as_tensor(idx, device=self.device))
+        self._record(idx, np.zeros(len(idx), np.float32), np.zeros(len(idx), bool))
+
+    def _record(self, idx: np.ndarray, reward: np.ndarray, terminal: np.ndarray):
+        if self.buffer is not None:
+            row = {k: v[idx] for k, v in self.cur.items()}
+            self.buffer.add({**row, "reward": reward, "terminal": terminal}, idx)
+
+    @torch.no_grad()
+    def act(self, agent: Agent) -> np.ndarray:
+        """Sample from the rollout gamma's actor head given each env's current token and its context."""
+        x = {k: torch.as_tensor(v, device=self.device)[:, None] for k, v in self.cur.items()}
+        tokens = agent.encoder({k: x[k] for k in agent.obs_keys}, x["prev_action"], x["prev_reward"], x["reset"])
+        h = self.context(agent.transformer, tokens, x["time"])
+        return agent.actor(h).sample()[:, agent.rollout_gamma].cpu().numpy()
+
+    def step(self, actions: np.ndarray) -> tuple[list, np.ndarray]:
+        """Returns (env index, task, metrics) for each meta-rollout that ended, and the (E,) done mask."""
+        obs, reward, terminated, truncated, info = self.envs.step(actions)
+        every = np.arange(self.envs.num_envs)
+        for k in obs:
+            self.cur[k] = obs[k]
+        self.cur["prev_action"] = np.asarray(actions, self.cur["prev_action"].dtype)
+        self.cur["prev_reward"] = info["policy_reward"].astype(np.float32)  # the reward the policy sees as input
+        self.cur["reset"] = info["new_episode"].astype(np.float32)  # an inner episode restarted: d = 1, memory kept
+        self.cur["time"] = self.cur["time"] + 1
+        self._record(every, reward.astype(np.float32), terminated)
+        done = terminated | truncated
+        finished = []
+        if done.any():
+            idx = np.flatnonzero(done)
+            metrics = {k: v for k, v in info["metrics"].items() if not k.startswith("_")}
+            finished = [(i, str(info["task"][i]), {k: float(v[i]) for k, v in metrics.items()}) for i in idx]
+            new_obs, _ = self.envs.reset(options={"reset_mask": done})
+            self._begin(idx, new_obs)
+        return finished, done
+
+
+def evaluate(agent: Agent, rollouts: MetaRollouts, episodes: int, seed: int) -> dict[str, dict[str, float]]:
+    """Run every eval env for `episodes` meta-rollouts with no epsilon (actions still sampled): mean metrics per task."""
+    agent.eval()
+    results, counts = {}, np.zeros(rollouts.envs.num_envs, dtype=int)
+    rollouts.restart(seed)
+    while (counts < episodes).any():
+        finished, done = rollouts.step(rollouts.act(agent))
+        for i, task, metrics in finished:
+            if counts[i] < episodes:
+                results.setdefault(task, []).append(metrics)
+        counts += done
+    return {task: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for task, ms in sorted(results.items())}
+
+
+def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
+    """Autoreset is off: a finished env is reset explicitly so that the final timestep is kept for the buffer."""
+    cls = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
+    return cls(thunks, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+
+
+def epsilon(args: Args, global_step: int) -> float:
+    """Linear anneal from eps_start to eps_end over eps_anneal_steps steps per env."""
+    frac = min(1.0, global_step / args.num_envs / args.eps_anneal_steps)
+    return args.eps_start + frac * (args.eps_end - args.eps_start)
+
+
+# ---- checkpoints: a run killed at any moment resumes from its last good checkpoint ----
+def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, counters: dict, rng, args: Args):
+    """Buffer snapshot first, then state.pt by atomic rename (the commit point), then older snapshots are removed."""
+    folder = os.path.join(run_dir, "checkpoint")
+    snapshot = f"buffer-{counters['global_step']}"
+    ReplayBuffer.remove(os.path.join(folder, snapshot + ".tmp"))
+    buffer.save(os.path.join(folder, snapshot + ".tmp"))
+    ReplayBuffer.remove(os.path.join(folder, snapshot))
+    os.rename(os.path.join(folder, snapshot + ".tmp"), os.path.join(folder, snapshot))
+    state = {
+        "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "counters": counters, "buffer": snapshot, "args": asdict(args),
+        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+    }
+    torch.save(state, os.path.join(folder, "state.pt.tmp"))
+    os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
+    for old in os.listdir(folder):
+        if old.startswith("buffer-") and old != snapshot:
+            ReplayBuffer.remove(os.path.join(folder, old))
+
+
+def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, rng) -> dict:
+    folder = os.path.join(run_dir, "checkpoint")
+    state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+    agent.load_state_dict(state["agent"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    buffer.load(os.path.join(folder, state["buffer"]))
+    random.setstate(state["rng"]["python"])
+    rng.bit_generator.state = state["rng"]["numpy"]
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["counters"]
+
+
+def fail(message: str):
+    """Bad input: a clear message and exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def resolve_args(args: Args) -> Args:
+    """Resume: take the saved run's flags (a larger --total-timesteps is kept); then check every flag."""
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint", "state.pt")
+        if not os.path.exists(path):
+            fail(f"--resume {args.resume}: no checkpoint at {path} (was the run started with --save-model?)")
+        saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
+        total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved["total_timesteps"]
+        args = Args(**{**saved, "resume": args.resume, "total_timesteps": total})
+    if args.context_len <= 0:
+        fail(f"--context-len must be positive, got {args.context_len}")
+    for name in ["batch_size", "num_envs", "steps_per_epoch", "total_timesteps", "d_model", "n_layers", "num_critics"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.d_model % args.n_heads:
+        fail(f"--d-model {args.d_model} must be divisible by --n-heads {args.n_heads}")
+    if args.rollout_gamma not in args.gammas:
+        fail(f"--rollout-gamma {args.rollout_gamma} must be one of --gammas {args.gammas}")
+    if args.critic_loss == "ind" and args.num_bins < 2:
+        fail(f"--num-bins must be at least 2, got {args.num_bins}")
+    window = args.context_len + 1
+    if args.buffer_size // args.num_envs < window or args.buffer_size < args.batch_size * window:
+        fail(
+            f"--buffer-size {args.buffer_size} cannot serve batches of {args.batch_size} windows of {window} timesteps "
+            f"with {args.num_envs} envs: it needs at least {max(args.batch_size, args.num_envs) * window} timesteps; "
+            "raise --buffer-size or lower --batch-size / --context-len"
+        )
+    check_env_args(args)
+    if not args.run_name:
+        args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    return args
+
+
+if __name__ == "__main__":
+    args = resolve_args(tyro.cli(Args))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but torch sees no GPU; use --device auto or cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)
+    run_dir = f"runs/{args.run_name}"
+
+    envs = make_vector_env([make_env(args, i, train=True) for i in range(args.num_envs)], args.async_envs)
+    eval_envs = make_vector_env(make_eval_envs(args), args.async_envs)
+    obs_space, action_space = envs.single_observation_space, envs.single_action_space
+    action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
+    agent = Agent(obs_space, action_dim, args).to(device)
+    optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
+    fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
+    fields.update(prev_action=(action_space.shape, action_space.dtype), prev_reward=((), np.float32), reset=((), np.float32),
+                  reward=((), np.float32), terminal=((), bool))
+    try:
+        buffer = ReplayBuffer(fields, args.buffer_size, args.num_envs, args.buffer_dir)
+    except MemoryError as e:
+        fail(str(e))
+    print(buffer.footprint())
+    counters = {"global_step": 0, "updates": 0, "next_eval": args.eval_every, "next_checkpoint": args.checkpoint_every}
+    if args.resume:
+        counters = load_checkpoint(run_dir, agent, optimizer, scheduler, buffer, rng)
+        print(f"resumed {run_dir} at step {counters['global_step']:,} after {counters['updates']:,} updates")
+    writer = SummaryWriter(run_dir, purge_step=counters["global_step"] or None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    n_params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
+    print(f"{args.run_name}: {n_params:,} parameters on {device}, actor {args.actor_loss} / critic {args.critic_loss}")
+
+    rollouts = MetaRollouts(envs, agent, args, device, buffer)
+    eval_rollouts = MetaRollouts(eval_envs, agent, args, device)
+    # environments cannot be checkpointed: a resumed run starts new meta-rollouts, seeded by the step count
+    rollouts.restart(args.seed + counters["global_step"])
+    eps_mult = rng.random(args.num_envs)  # each env scales epsilon by a fresh U[0, 1) draw per meta-rollout
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    start_time, start_step, last_log, recent = time.time(), counters["global_step"], 0.0, []
+
+    def log_progress(force=False):
+        global last_log
+        if not force and time.time() - last_log < args.log_every:
+            return
+        last_log = time.time()
+        done_steps = counters["global_step"] - start_step
+        sps = done_steps / max(time.time() - start_time, 1e-9)
+        eta = (args.total_timesteps - counters["global_step"]) / max(sps, 1e-9)
+        ret = f"{np.mean(recent):.3f}" if recent else "n/a"
+        print(f"step {counters['global_step']:,}/{args.total_timesteps:,} | {sps:,.0f} SPS | {counters['updates']:,} updates "
+              f"| return {ret} | ETA {eta / 3600:.1f} h", flush=True)
+        writer.add_scalar("charts/SPS", sps, counters["global_step"])
+
+    while counters["global_step"] < args.total_timesteps:
+        # ---- collect: steps_per_epoch steps in every env ----
+        agent.eval()
+        for _ in range(args.steps_per_epoch):
+            actions = rollouts.act(agent)
+            actions = explore(actions, epsilon(args, counters["global_step"]) * eps_mult, action_space, rng, rollouts.cur["time"], args)
+            finished, done = rollouts.step(actions)
+            counters["global_step"] += args.num_envs
+            for i, task, metrics in finished:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"tasks/{task}/{k}", v, counters["global_step"])
+                writer.add_scalar("charts/return", metrics["return"], counters["global_step"])
+                recent = (recent + [metrics["return"]])[-100:]
+            if done.any():
+                eps_mult[done] = rng.random(int(done.sum()))
+            log_progress()
+            if counters["global_step"] >= args.total_timesteps:
+                break
+        writer.add_scalar("charts/epsilon", epsilon(args, counters["global_step"]), counters["global_step"])
+
+        # ---- update: updates_per_epoch gradient steps on windows of l+1 timesteps ----
+        agent.train()
+        update_start = time.time()
+        for _ in range(args.updates_per_epoch):
+            batch = buffer.sample(args.batch_size, args.context_len + 1, rng)
+            batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+            with autocast:
+                loss, metrics = compute_losses(agent, batch, args)
+            if not torch.isfinite(loss):
+                fail(f"non-finite loss ({loss.item()}) at update {counters['updates']}: "
+                     + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
+                     + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            agent.ema_update(args.tau)
+            counters["updates"] += 1
+        if args.updates_per_epoch:
+            step = counters["global_step"]
+            for k, v in metrics.items():
+                writer.add_scalar(k, v.item(), step)
+            writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
+            writer.add_scalar("charts/updates_per_second", args.updates_per_epoch / (time.time() - update_start), step)
+            writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+            log_progress()
+
+        # ---- evaluate and checkpoint at epoch boundaries ----
+        final = counters["global_step"] >= args.total_timesteps
+        if (args.eval_every and counters["global_step"] >= counters["next_eval"]) or final:
+            per_task = evaluate(agent, eval_rollouts, args.eval_episodes, seed=10**6 + counters["global_step"])
+            for task, metrics in per_task.items():
+                for k, v in metrics.items():
+                    writer.add_scalar(f"eval/{task}/{k}", v, counters["global_step"])
+            summary = summarize_eval(per_task)
+            for k, v in summary.items():
+                writer.add_scalar(f"eval/{k}", v, counters["global_step"])
+            print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()), flush=True)
+            while counters["next_eval"] <= counters["global_step"]:
+                counters["next_eval"] += args.eval_every or args.total_timesteps
+        if args.save_model and (counters["global_step"] >= counters["next_checkpoint"] or final):
+            while counters["next_checkpoint"] <= counters["global_step"]:
+                counters["next_checkpoint"] += args.checkpoint_every
+            save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, counters, rng, args)
+            print(f"checkpoint: {run_dir}/checkpoint at step {counters['global_step']:,}", flush=True)
+
+    log_progress(force=True)
+    print(f"done: {counters['global_step']:,} steps, {counters['updates']:,} updates in {(time.time() - start_time) / 60:.1f} min; "
+          f"TensorBoard: tensorboard --logdir runs")
+    envs.close()
+    eval_envs.close()
+    writer.close()

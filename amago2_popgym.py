@@ -474,6 +474,10 @@ class KVCache:
     def advance(self):
         self.length += 1
 
+    def __call__(self, transformer: "Transformer", tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One new token per env: (E, 1, d_token) -> h (E, d_model)."""
+        return transformer(tokens, t, self)[:, 0]
+
 
 class Transformer(nn.Module):
     """Input Linear + sinusoidal absolute positions + embedding dropout, layers, final LayerNorm."""
@@ -706,10 +710,6 @@ class TokenHistory:
         return transformer(self.tokens[:, :n], self.t[:, :n])[envs, pos]
 
 
-def kv_step(cache: KVCache, transformer: Transformer, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return transformer(tokens, t, cache)[:, 0]
-
-
 class MetaRollouts:
     """A vector env plus what each token needs beyond the observation: the previous action and reward, the
     reset bit d (1 at the first step of every inner episode), the absolute time index and the rollout id.
@@ -718,16 +718,11 @@ class MetaRollouts:
     def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
         self.envs, self.buffer, self.device = envs, buffer, device
         E, space = envs.num_envs, envs.single_action_space
-        if args.kv_cache:
-            cache = KVCache(agent.transformer, E, args.context_len, device)
-            self.context, self.step_fn = cache, lambda tr, x, t: kv_step(cache, tr, x, t)
-        else:
-            self.context = TokenHistory(E, args.context_len, args.d_token, device)
-            self.step_fn = self.context
+        self.context = (KVCache(agent.transformer, E, args.context_len, device) if args.kv_cache
+                        else TokenHistory(E, args.context_len, args.d_token, device))
         self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
         self.cur.update(prev_action=np.zeros((E, *space.shape), space.dtype), prev_reward=np.zeros(E, np.float32),
                         reset=np.zeros(E, np.float32), time=np.zeros(E, np.int64), rollout_id=np.zeros(E, np.int64))
-        self.seed = args.seed
 
     def restart(self, seed: int):
         """Start a new meta-rollout in every env."""
@@ -753,7 +748,7 @@ class MetaRollouts:
         """Sample from the rollout gamma's actor head given each env's current token and its context."""
         x = {k: torch.as_tensor(v, device=self.device)[:, None] for k, v in self.cur.items()}
         tokens = agent.encoder({k: x[k] for k in agent.obs_keys}, x["prev_action"], x["prev_reward"], x["reset"])
-        h = self.step_fn(agent.transformer, tokens, x["time"])
+        h = self.context(agent.transformer, tokens, x["time"])
         return agent.actor(h).sample()[:, agent.rollout_gamma].cpu().numpy()
 
     def step(self, actions: np.ndarray) -> tuple[list, np.ndarray]:

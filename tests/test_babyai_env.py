@@ -84,8 +84,8 @@ def test_time_limit_boundaries_and_metrics():
         assert (terminated, truncated) == ((False, True) if t == 48 else (False, False))
         assert ("metrics" in info) == (t == 48) and ("task" in info) == (t == 48)
     assert boundaries == [16, 32]
-    assert info["task"] == "GoToObjS4"
-    assert info["metrics"] == {f"{m}_{a}": 0.0 for m in ("return", "success") for a in (1, 2, 3)}
+    assert info["task"] == "test/GoToObjS4"  # a held-out task: logged as eval/test/GoToObjS4/...
+    assert info["metrics"] == {"return": 0.0, **{f"{m}_{a}": 0.0 for m in ("return", "success") for a in (1, 2, 3)}}
 
 
 def test_same_layout_every_attempt_and_success_terminates():
@@ -115,8 +115,9 @@ def test_same_layout_every_attempt_and_success_terminates():
     m = info["metrics"]
     assert m["success_1"] == m["success_2"] == 1.0
     assert m["return_1"] == m["return_2"] > 0.1  # the bot repeats its path on the same layout
-    assert all(type(v) is float for v in m.values()) and sorted(m) == ["return_1", "return_2", "success_1", "success_2"]
-    assert sum(rewards) == pytest.approx(m["return_1"] + m["return_2"])
+    assert all(type(v) is float for v in m.values())
+    assert sorted(m) == ["return", "return_1", "return_2", "success_1", "success_2"]
+    assert sum(rewards) == pytest.approx(m["return_1"] + m["return_2"]) == pytest.approx(m["return"])
 
 
 def test_failure_terminates_without_success():
@@ -140,7 +141,8 @@ def test_failure_terminates_without_success():
         obs, reward, terminated, truncated, info = env.step(3)  # pick up the wrong object
         assert reward == 0.0 and info["new_episode"] == (attempt == 1)
     assert terminated and not truncated
-    assert info["metrics"] == {"return_1": 0.0, "return_2": 0.0, "success_1": 0.0, "success_2": 0.0}
+    assert info["metrics"] == {"return": 0.0, "return_1": 0.0, "return_2": 0.0, "success_1": 0.0, "success_2": 0.0}
+    assert info["task"] == "PickupDistDebug"  # a training task keeps its plain name
 
 
 def test_success_on_the_last_allowed_step_is_a_success_and_a_termination():
@@ -198,19 +200,37 @@ def test_make_env_in_a_vector_env():
 
 def test_summarize_eval_known_answer():
     returns = [0.0, 0.1, 0.2, 0.3, 1.0]  # IQM with n = 5 drops one task at each end: mean(0.1, 0.2, 0.3) = 0.2
-    per_task = {f"t{i}": {"return_1": r, "return_2": [r, 2 * r], "success_1": float(r > 0), "success_2": 1.0}
+    per_task = {f"t{i}": {"return": r, "return_1": r, "return_2": [r, 2 * r], "success_1": float(r > 0), "success_2": 1.0}
                 for i, r in enumerate(returns)}
+    # held-out tasks ("test/<task>") are summarised on their own: returns 0.5 and 0.7, nothing mixes across splits
+    per_task.update({f"test/u{i}": {"return": r, "return_1": r, "return_2": r, "success_1": 1.0, "success_2": 0.0}
+                     for i, r in enumerate([0.5, 0.7])})
     s = ab.summarize_eval(per_task)
-    assert s["return_1_median"] == pytest.approx(0.2)
-    assert s["return_1_mean"] == pytest.approx(0.32)
-    assert s["return_1_iqm"] == pytest.approx(0.2)
-    assert s["success_1_mean"] == pytest.approx(0.8) and s["success_2_mean"] == 1.0
-    assert s["return_2_mean"] == pytest.approx(0.48)  # each task's rollouts are averaged first: 1.5 * returns
+    assert s["train_return_1_median"] == pytest.approx(0.2)
+    assert s["train_return_1_mean"] == pytest.approx(0.32)
+    assert s["train_return_1_iqm"] == pytest.approx(0.2)
+    assert s["train_success_1_mean"] == pytest.approx(0.8) and s["train_success_2_mean"] == 1.0
+    assert s["train_return_2_mean"] == pytest.approx(0.48)  # each task's rollouts are averaged first: 1.5 * returns
+    assert s["test_return_1_median"] == s["test_return_2_iqm"] == pytest.approx(0.6)
+    assert s["test_success_1_mean"] == 1.0 and s["test_success_2_mean"] == 0.0
+    assert len(s) == 2 * 2 * 4  # split x attempt x (median, mean, IQM, success)
     for x in ([3.0], [1.0, 5.0], [4.0, 1.0, 2.0], [8.0, 1.0, 2.0, 3.0], list(np.random.default_rng(0).random(68))):
-        s = ab.summarize_eval({str(i): {"return_1": v, "success_1": 0.0} for i, v in enumerate(x)})
-        assert s["return_1_iqm"] == pytest.approx(scipy.stats.trim_mean(x, 0.25))
+        s = ab.summarize_eval({f"test/{i}": {"return_1": v, "success_1": 0.0} for i, v in enumerate(x)})
+        assert s["test_return_1_iqm"] == pytest.approx(scipy.stats.trim_mean(x, 0.25)) and "train_return_1_iqm" not in s
     assert ab.summarize_eval({str(i): {"return_1": v, "success_1": 0.0}
-                              for i, v in enumerate([8.0, 1.0, 2.0, 3.0])})["return_1_iqm"] == 2.5
+                              for i, v in enumerate([8.0, 1.0, 2.0, 3.0])})["train_return_1_iqm"] == 2.5
+
+
+def test_eval_envs_cover_both_splits_on_unseen_layouts():
+    args = SimpleNamespace(seed=0, k_episodes=2, eval_tasks_per_split=None)
+    envs = [thunk() for thunk in ab.make_eval_envs(args)]
+    assert [e.tasks[0] for e in envs] == ab.TRAIN_TASKS + ab.TEST_TASKS
+    assert all(e.seed_range == ab.EVAL_SEED_RANGE for e in envs)  # training tasks too: unseen layouts
+    args.eval_tasks_per_split = 3  # spread over each list
+    tasks = [thunk().tasks[0] for thunk in ab.make_eval_envs(args)]
+    assert tasks == [ab.TRAIN_TASKS[i] for i in (0, 16, 33)] + [ab.TEST_TASKS[i] for i in (0, 6, 12)]
+    args.eval_tasks_per_split = 20  # more than the 18 held-out tasks: all of them
+    assert len(ab.make_eval_envs(args)) == 20 + 18
 
 
 def _batch(B, L, seed=0):
@@ -238,6 +258,22 @@ def test_encoder_shape_and_grad():
     # direction may also come as (B, L) rather than (B, L, 1)
     obs2 = dict(obs, direction=obs["direction"][..., 0])
     torch.testing.assert_close(enc(obs2, prev_action, prev_reward, reset), out.detach())
+
+
+def test_encoder_no_action_is_zeros_and_mask_is_accepted():
+    # the core stores prev_action = NO_ACTION (-1) at meta-rollout starts: its one-hot must be all zeros
+    torch.manual_seed(0)
+    env, obs, prev_action, prev_reward, reset = _batch(2, 3)
+    prev_action[:, 0] = ab.NO_ACTION
+    enc = ab.TimestepEncoder(env.observation_space, num_actions=7, d_out=32)
+    seen = []
+    enc.extras[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    out = enc(obs, prev_action, prev_reward, reset, mask)  # the core's call: mask is accepted, and unused
+    x = seen[0].reshape(2, 3, -1)[..., 5:12]  # [direction (4), progress (1), prev action (7), reward, reset]
+    assert torch.isfinite(out).all() and (x[:, 0] == 0).all()
+    assert (x[:, 1:].sum(-1) == 1).all() and (x[:, 1:].argmax(-1) == prev_action[:, 1:]).all()
+    torch.testing.assert_close(enc(obs, prev_action, prev_reward, reset, ~mask), out)
 
 
 def test_encoder_mission_ignores_padding_and_batch_mates():

@@ -124,7 +124,7 @@ def test_kv_cache_equals_full_forward():
     tokens, t = random_tokens(3, args.context_len, args.d_token)
     full = tr(tokens, t)
     cache = A.KVCache(tr, 3, args.context_len, "cpu")
-    stepped = torch.stack([A.kv_step(cache, tr, tokens[:, i : i + 1], t[:, i : i + 1]) for i in range(args.context_len)], 1)
+    stepped = torch.stack([cache(tr, tokens[:, i : i + 1], t[:, i : i + 1]) for i in range(args.context_len)], 1)
     assert torch.allclose(stepped, full, atol=1e-4)
 
 
@@ -138,7 +138,7 @@ def test_kv_cache_per_env_lengths_and_reset():
     for i in range(12):
         if i == 5:
             cache.reset(torch.tensor([1]))
-        outs.append(A.kv_step(cache, tr, tokens[:, i : i + 1], t[:, i : i + 1]))
+        outs.append(cache(tr, tokens[:, i : i + 1], t[:, i : i + 1]))
     outs = torch.stack(outs, 1)
     assert torch.allclose(outs[0], tr(tokens[:1], t[:1])[0], atol=1e-4)
     assert torch.allclose(outs[1, 5:], tr(tokens[1:, 5:], t[1:, 5:])[0], atol=1e-4)
@@ -153,7 +153,7 @@ def test_sliding_window_past_context_matches_token_history():
     cache = A.KVCache(tr, 2, 6, "cpu")
     for i in range(10):
         h_full = history(tr, tokens[:, i : i + 1], t[:, i : i + 1])
-        h_kv = A.kv_step(cache, tr, tokens[:, i : i + 1], t[:, i : i + 1])
+        h_kv = cache(tr, tokens[:, i : i + 1], t[:, i : i + 1])
         lo = max(0, i - 5)
         assert torch.allclose(h_full, tr(tokens[:, lo : i + 1], t[:, lo : i + 1])[:, -1], atol=1e-4)
         if i < 6:
