@@ -62,7 +62,7 @@ class Args:
     updates_per_epoch: int = 1000
     """gradient updates per epoch (official library default)"""
     buffer_size: int = 8_000_000
-    """replay capacity in timesteps (paper Table 1, Meta-World: 8M, ~1.6 GiB)"""
+    """replay capacity in timesteps (paper Table 1, Meta-World: 8M, 1.5 GiB)"""
     batch_size: int = 24
     """sequences per batch (paper Table 1)"""
     context_len: int = 256
@@ -144,13 +144,13 @@ BENCHMARK_SEED = 0
 
 
 @functools.lru_cache(maxsize=None)
-def metaworld_benchmark(benchmark: str, ml1_task: str, seed: int) -> metaworld.Benchmark:
+def metaworld_benchmark(benchmark: str, ml1_task: str) -> metaworld.Benchmark:
     """Meta-World's own benchmark object: train/test task classes and 50 goal variants per class.
-    Building it resets every class 50 times (ML45: ~30 s), so it is built once per process."""
+    Building it resets every class 50 times (ML45: ~30 s, ML10: ~10 s), so it is built once per process."""
     print(f"building Meta-World {benchmark} (ML45 takes ~30 s)", flush=True)
     if benchmark == "ML1":  # one class; train and test are disjoint sets of goal variants
-        return metaworld.ML1(ml1_task, seed=seed)
-    return getattr(metaworld, benchmark)(seed=seed)  # held-out test classes, unseen in training
+        return metaworld.ML1(ml1_task, seed=BENCHMARK_SEED)
+    return getattr(metaworld, benchmark)(seed=BENCHMARK_SEED)  # held-out test classes, unseen in training
 
 
 class MetaWorldMetaEnv(gym.Env):
@@ -165,8 +165,8 @@ class MetaWorldMetaEnv(gym.Env):
 
     def __init__(self, benchmark: str = "ML45", ml1_task: str = "reach-v3", train: bool = True,
                  k_episodes: int = 3, episode_length: int = 500, task: str | None = None,
-                 seed: int | None = None, benchmark_seed: int = BENCHMARK_SEED):
-        bench = metaworld_benchmark(benchmark, ml1_task, benchmark_seed)
+                 seed: int | None = None):
+        bench = metaworld_benchmark(benchmark, ml1_task)
         classes = bench.train_classes if train else bench.test_classes
         tasks = bench.train_tasks if train else bench.test_tasks
         self.task_names = [task] if task is not None else list(classes)
@@ -231,14 +231,14 @@ class MetaWorldMetaEnv(gym.Env):
 def make_env(args: Args, env_idx: int, train: bool, task: str | None = None):
     # build the benchmark here, in the parent process: sync vector envs and forked workers then
     # share this one cached copy instead of each paying ~30 s (ML45) to build their own
-    metaworld_benchmark(args.benchmark, args.ml1_task, BENCHMARK_SEED)
+    metaworld_benchmark(args.benchmark, args.ml1_task)
     # seeds come from MetaRollouts.restart (train: args.seed + i, evaluation: a disjoint range)
     return lambda: MetaWorldMetaEnv(args.benchmark, args.ml1_task, train, args.k_episodes, args.episode_length, task)
 
 
 def make_eval_envs(args: Args) -> list:
     """One evaluation env pinned to each training task and one to each held-out test task ("test/<task>")."""
-    bench = metaworld_benchmark(args.benchmark, args.ml1_task, BENCHMARK_SEED)
+    bench = metaworld_benchmark(args.benchmark, args.ml1_task)
     train = [make_env(args, i, train=True, task=task) for i, task in enumerate(bench.train_classes)]
     test = [make_env(args, len(train) + i, train=False, task=task) for i, task in enumerate(bench.test_classes)]
     return train + test
@@ -316,7 +316,7 @@ class TimestepEncoder(nn.Module):
 # Action distribution (continuous): the actor and the places that depend on the action type
 # ======================================================================================
 NO_ACTION = 0.0  # the "previous action" at a meta-rollout start: a zero vector (SPEC 1)
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the actor's log-std is squashed into this range (official library)
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the actor's log-std is squashed into this range (SPEC 3)
 
 
 def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
@@ -339,8 +339,8 @@ class TanhGaussian:
     def log_prob(self, action: torch.Tensor) -> torch.Tensor:
         """log pi(a) = log N(atanh a) - sum log(1 - a^2) (the tanh Jacobian). (..., G, A) -> (..., G).
 
-        Buffer actions are clamped to +-0.99 first: exploration noise is clipped to the box, and at +-1 the
-        inverse tanh is infinite (official library)."""
+        Buffer actions are clamped to +-0.99 first (SPEC 3): exploration noise is clipped to the box, and at +-1
+        the inverse tanh is infinite."""
         a = action.float().clamp(-0.99, 0.99)
         return (self.normal.log_prob(torch.atanh(a)) - torch.log1p(-a.pow(2))).sum(-1)
 
@@ -370,12 +370,9 @@ def dpg_actor_loss(agent, h: torch.Tensor, dist, critic_loss: str) -> torch.Tens
     the critic weights get none.
     """
     frozen = {name: p.detach() for name, p in agent.critics.named_parameters()}
-
-    def frozen_critics(h, action_feats):
-        return torch.func.functional_call(agent.critics, frozen, (h, action_feats))
-
     actions = dist.rsample()[:, None]  # (N, 1, G, A): each gamma's own policy
-    q = agent.q_values(frozen_critics, h.detach(), actions, normalized=critic_loss == "dep")[:, 0]  # (N, G, C)
+    out = torch.func.functional_call(agent.critics, frozen, (h.detach(), action_features(actions, agent.action_dim)))
+    q = agent.scalar_q(out, normalized=critic_loss == "dep")[:, 0]  # (N, G, C)
     return -q.min(-1).values  # pessimistic over the ensemble
 
 

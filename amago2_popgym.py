@@ -1,9 +1,7 @@
 # AMAGO-2 on multi-task POPGym (27 tasks, one-shot): results table in README.md#popgym
 import copy
-import json
 import os
 import random
-import shutil
 import sys
 import time
 import warnings

@@ -1,4 +1,5 @@
-"""Protocol tests of the Meta-World meta-rollout wrapper and the state timestep encoder."""
+"""Meta-World: the meta-rollout protocol, the timestep encoder, the tanh-Gaussian actor, DPG gradient isolation,
+exploration and the evaluation summary."""
 import os
 import pickle
 import sys
@@ -12,9 +13,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from amago2_metaworld import (  # noqa: E402
+    Agent,
+    Args,
     MetaWorldMetaEnv,
+    TanhGaussian,
     TimestepEncoder,
+    dpg_actor_loss,
+    explore,
     make_env,
+    make_eval_envs,
     metaworld_benchmark,
     summarize_eval,
 )
@@ -152,14 +159,14 @@ def few_goals(monkeypatch):
 
 
 def test_ml45_classes_and_pinned_test_task(few_goals):
-    bench = metaworld_benchmark("ML45", "reach-v3", 0)
+    bench = metaworld_benchmark("ML45", "reach-v3")
     assert sorted(bench.test_classes) == sorted(
         ["bin-picking-v3", "box-close-v3", "hand-insert-v3", "door-lock-v3", "door-unlock-v3"])
     assert len(bench.train_classes) == 45 and not set(bench.train_classes) & set(bench.test_classes)
     env = MetaWorldMetaEnv("ML45", train=False, k_episodes=1, episode_length=3, seed=0)
     assert sorted(env.task_names) == sorted(bench.test_classes)
     env = MetaWorldMetaEnv("ML45", train=False, task="door-lock-v3", k_episodes=1, episode_length=3, seed=0)
-    assert rollout(env)[-1]["info"]["task"] == "door-lock-v3"
+    assert rollout(env)[-1]["info"]["task"] == "test/door-lock-v3"  # held-out tasks are labelled apart
     env = MetaWorldMetaEnv("ML45", train=True, k_episodes=1, episode_length=3, seed=0)
     seen = {rollout(env)[-1]["info"]["task"] for _ in range(6)}
     assert seen <= set(bench.train_classes) and len(seen) > 1  # samples among the 45 classes
@@ -168,7 +175,7 @@ def test_ml45_classes_and_pinned_test_task(few_goals):
 
 
 def test_make_env_vector():
-    args = SimpleNamespace(seed=7, benchmark="ML1", ml1_task="push-v3", k_episodes=2)
+    args = SimpleNamespace(seed=7, benchmark="ML1", ml1_task="push-v3", k_episodes=2, episode_length=500)
     envs = gym.vector.SyncVectorEnv([make_env(args, i, train=True) for i in range(2)])
     obs, _ = envs.reset()
     assert obs["obs"].shape == (2, 39)
@@ -181,17 +188,30 @@ def test_make_env_vector():
     envs.close()
 
 
+def test_make_eval_envs_one_per_train_and_test_task():
+    args = SimpleNamespace(seed=0, benchmark="ML1", ml1_task="reach-v3", k_episodes=1, episode_length=2)
+    envs = [thunk() for thunk in make_eval_envs(args)]
+    assert [rollout(env, seed=0)[-1]["info"]["task"] for env in envs] == ["reach-v3", "test/reach-v3"]
+    test_goals = {tuple(pickle.loads(v.data)["rand_vec"]) for v in envs[1].variants["reach-v3"]}
+    assert tuple(envs[1].sim._last_rand_vec) in test_goals  # the test env plays held-out variants
+
+
 def test_summarize_eval():
     per_task = {
         "a": {"success_1": 1.0, "success_2": 1.0, "success_3": 0.0, "success": 2 / 3, "return": 30.0},
         "b": {"success_1": 0.0, "success_2": 0.0, "success_3": 1.0, "success": 1 / 3, "return": 10.0},
         "c": {"success_1": 1.0, "success_2": 1.0, "success_3": 1.0, "success": 1.0, "return": 50.0},
+        "test/d": {"success_1": 0.0, "success_2": 1.0, "success_3": 1.0, "success": 2 / 3, "return": 7.0},
+        "test/e": {"success_1": 0.0, "success_2": 0.0, "success_3": 0.0, "success": 0.0, "return": 1.0},
     }
     out = summarize_eval(per_task)
-    assert out["success"] == pytest.approx(2 / 3)
-    assert (out["success_1"], out["success_2"], out["success_3"]) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
-    assert out["skill_coverage"] == 2.0  # a (exactly 2/3) and c
-    assert out["return"] == pytest.approx(30.0)
+    assert out["train/success"] == pytest.approx(2 / 3)
+    assert (out["train/success_1"], out["train/success_2"], out["train/success_3"]) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
+    assert out["train/skill_coverage"] == 2.0  # a (exactly 2/3) and c
+    assert out["train/return"] == pytest.approx(30.0)
+    assert out["test/success"] == pytest.approx(1 / 3) and out["test/success_2"] == pytest.approx(0.5)
+    assert out["test/skill_coverage"] == 1.0 and out["test/return"] == pytest.approx(4.0)
+    assert set(summarize_eval({"a": per_task["a"]})) == {f"train/{k}" for k in [*per_task["a"], "skill_coverage"]}
 
 
 def test_encoder_shape_and_running_stats():
@@ -202,7 +222,7 @@ def test_encoder_shape_and_running_stats():
     obs = {"obs": torch.randn(B, L, 39) * 5 + 2}
     act, rew, reset = torch.rand(B, L, 4) * 2 - 1, torch.rand(B, L) * 10, torch.zeros(B, L)
     reset[:, 0] = 1
-    assert {"mean", "sq_mean", "count"} <= set(enc.state_dict())
+    assert {"norm.mean", "norm.sq_mean", "norm.count"} <= set(enc.state_dict())
 
     enc.eval()
     before = {k: v.clone() for k, v in enc.state_dict().items()}
@@ -213,20 +233,93 @@ def test_encoder_shape_and_running_stats():
     enc.train()
     out = enc(obs, act, rew, reset)
     assert out.shape == (B, L, 256) and torch.isfinite(out).all()
-    assert enc.count.item() == 1 and not torch.equal(enc.mean, before["mean"])
-    # first update is bias-corrected: the stats equal the batch statistics exactly
+    assert enc.norm.count.item() == 1
+    # first update is bias-corrected: the statistics equal the batch statistics (to float32 rounding of the
+    # 1e-4 momentum step and its correction)
     x = torch.cat([obs["obs"], act, rew[..., None], reset[..., None]], -1).reshape(-1, 45)
-    torch.testing.assert_close(enc.mean, x.mean(0), rtol=1e-4, atol=1e-4)
-    out.sum().backward()  # gradients flow and the buffers are not parameters
+    mean = enc.norm.mean / (1 - (1 - enc.norm.momentum) ** enc.norm.count)
+    torch.testing.assert_close(mean, x.mean(0), rtol=1e-3, atol=1e-3)
+    out.sum().backward()  # gradients flow and the statistics are not parameters
     assert all(p.grad is not None for p in enc.parameters())
 
     # mask: statistics only from valid timesteps
-    enc2 = TimestepEncoder(space, action_dim=4).train()
+    enc2 = TimestepEncoder(space, action_dim=4, d_out=32).train()
     mask = torch.zeros(B, L, dtype=torch.bool)
     mask[:, :3] = True
     obs_pad = {"obs": obs["obs"].clone()}
     obs_pad["obs"][:, 3:] = 1e6  # padding garbage must not leak into the statistics
     enc2(obs_pad, act, rew, reset, mask=mask)
-    torch.testing.assert_close(enc2.mean[:39], obs["obs"][:, :3].reshape(-1, 39).mean(0), rtol=1e-4, atol=1e-4)
+    mean2 = enc2.norm.mean / (1 - (1 - enc2.norm.momentum) ** enc2.norm.count)
+    torch.testing.assert_close(mean2[:39], obs["obs"][:, :3].reshape(-1, 39).mean(0), rtol=1e-3, atol=1e-3)
     enc2(obs_pad, act, rew, reset, mask=torch.zeros(B, L, dtype=torch.bool))
-    assert enc2.count.item() == 1  # an all-padding batch leaves the statistics alone
+    assert enc2.norm.count.item() == 1  # an all-padding batch leaves the statistics alone
+
+
+# ---- the continuous action distribution, DPG and exploration ----
+def test_tanh_gaussian_log_prob_matches_torch():
+    """log pi(a) of buffer actions equals torch's TransformedDistribution(Normal, Tanh) inside (-0.99, 0.99),
+    sums over action dims, and clamps at the box edge instead of returning inf."""
+    torch.manual_seed(0)
+    N, G, A = 5, 7, 4
+    mean, std = torch.randn(N, G, A), torch.rand(N, G, A) + 0.1
+    dist = TanhGaussian(mean, std)
+    ref = torch.distributions.TransformedDistribution(
+        torch.distributions.Independent(torch.distributions.Normal(mean, std), 1), [torch.distributions.TanhTransform()])
+    a = torch.rand(N, G, A) * 1.9 - 0.95  # inside the clamp
+    torch.testing.assert_close(dist.log_prob(a), ref.log_prob(a), rtol=1e-4, atol=1e-4)
+    assert dist.log_prob(a).shape == (N, G)
+    edge = torch.ones(N, G, A)  # clipped exploration noise lands exactly on the box edge
+    assert torch.isfinite(dist.log_prob(edge)).all()
+    torch.testing.assert_close(dist.log_prob(edge), ref.log_prob(torch.full_like(edge, 0.99)), rtol=1e-4, atol=1e-4)
+    # samples: (*sample_shape, N, G, A) inside [-1, 1]; rsample carries gradient to mean and std
+    assert dist.sample((3,)).shape == (3, N, G, A) and dist.sample().abs().max() <= 1
+    mean.requires_grad_(True)
+    TanhGaussian(mean, std).rsample().sum().backward()
+    assert mean.grad is not None and mean.grad.abs().sum() > 0
+
+
+def tiny_agent(critic_loss="ind"):
+    args = Args(d_token=16, d_model=32, d_ff=64, n_layers=1, n_heads=2, head_hidden=32, num_bins=16,
+                critic_loss=critic_loss, actor_loss="dep")
+    space = gym.spaces.Dict({"obs": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)})
+    return Agent(space, 4, args), args
+
+
+def test_actor_log_std_range():
+    torch.manual_seed(0)
+    agent, _ = tiny_agent()
+    dist = agent.actor(torch.randn(10, 32) * 1000)  # extreme inputs saturate the squash
+    log_std = dist.normal.scale.log()
+    assert log_std.shape == (10, 7, 4) and log_std.min() >= -5 - 1e-5 and log_std.max() <= 2 + 1e-5
+
+
+@pytest.mark.parametrize("critic_loss", ["ind", "dep"])
+def test_dpg_actor_loss_trains_actor_not_critics(critic_loss):
+    """CRUCIAL: -Q(h, a ~ pi) reaches the actor (and the Transformer through it) but never the critic weights."""
+    torch.manual_seed(0)
+    agent, args = tiny_agent(critic_loss)
+    B, L = 2, 5
+    batch = {"obs": torch.randn(B, L, 39), "prev_action": torch.rand(B, L, 4) * 2 - 1, "prev_reward": torch.rand(B, L),
+             "reset": torch.zeros(B, L), "time": torch.arange(L).expand(B, L)}
+    h = agent.states(batch).reshape(B * L, -1)
+    loss = dpg_actor_loss(agent, h, agent.actor(h), critic_loss)
+    assert loss.shape == (B * L, len(args.gammas))
+    loss.mean().backward()
+    assert all(p.grad is None or not p.grad.any() for p in agent.critics.parameters())
+    assert all(p.grad is not None and p.grad.any() for p in agent.actor.parameters())
+    assert agent.transformer.inp.weight.grad is not None and agent.transformer.inp.weight.grad.any()
+
+
+def test_explore_noise_decays_within_the_rollout_and_clips():
+    args = Args(k_episodes=3, episode_length=500, eps_rollout_end=0.2)
+    space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    rng = np.random.default_rng(0)
+    E = 20_000
+    actions = np.zeros((E, 4), np.float32)
+    for t, expected_std in [(0, 0.3), (750, 0.3 * 0.6), (1499, 0.3 * (1 - 0.8 * 1499 / 1500))]:
+        out = explore(actions, np.full(E, 0.3), space, rng, np.full(E, t), args)
+        assert out.dtype == np.float32 and out.shape == (E, 4)
+        assert out.std() == pytest.approx(expected_std, rel=0.03)
+    out = explore(np.full((E, 4), 0.9, np.float32), np.ones(E), space, rng, np.zeros(E), args)
+    assert out.max() == 1.0 and out.min() >= -1.0  # clipped to the action box
+    np.testing.assert_array_equal(explore(actions, np.zeros(E), space, rng, np.zeros(E), args), actions)  # epsilon 0
