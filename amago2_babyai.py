@@ -41,7 +41,7 @@ class Args:
 
     # Algorithm specific arguments
     k_episodes: int = 2
-    """attempts on the same task and layout per meta-rollout (paper Sec. 5: two attempts)"""
+    """attempts on the same task and layout per meta-rollout (paper Sec. 4: "two attempts")"""
     actor_loss: Literal["ind", "dep"] = "ind"
     """ind: CRR binary filter (Eq. 4); dep: maximise Q (Eq. 2)"""
     critic_loss: Literal["ind", "dep"] = "ind"
@@ -51,7 +51,7 @@ class Args:
     num_envs: int = 24
     """parallel environments (our choice; the paper does not state it)"""
     async_envs: bool = False
-    """step envs in subprocesses (gymnasium AsyncVectorEnv); BabyAI steps are cheap (~0.1 ms), so sync is faster"""
+    """step envs in subprocesses (gymnasium AsyncVectorEnv); BabyAI steps are cheap (~0.13 ms), so sync is faster"""
     steps_per_epoch: int = 1000
     """steps collected per env between update phases (official library default)"""
     updates_per_epoch: int = 1000
@@ -290,35 +290,6 @@ def summarize_eval(per_task: dict) -> dict:
     return summary
 
 
-# InputNorm is shared-core text (tests/test_shared_core.py); the BabyAI encoder does not use it.
-class InputNorm(nn.Module):
-    """Running mean/std of the raw timestep input (official library: momentum 1e-4, bias-corrected)."""
-
-    def __init__(self, dim: int, momentum: float = 1e-4):
-        super().__init__()
-        self.momentum = momentum
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("sq_mean", torch.zeros(dim))
-        self.register_buffer("count", torch.zeros(()))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                valid = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
-                if len(valid):
-                    m = self.momentum
-                    self.mean.lerp_(valid.mean(0), m)
-                    self.sq_mean.lerp_(valid.pow(2).mean(0), m)
-                    self.count += 1
-        if self.count == 0:
-            return x
-        correction = 1 - (1 - self.momentum) ** self.count
-        mean, sq_mean = self.mean / correction, self.sq_mean / correction
-        std = (sq_mean - mean.pow(2)).clamp(min=0).sqrt()
-        # rare binary features (the reset bit) have tiny std: clip so they cannot blow up the MLP
-        return ((x - mean) / (std + 1e-5)).clamp(-10, 10)
-
-
 class TimestepEncoder(nn.Module):
     """SPEC section 1 (BabyAI): grid CNN + mission GRU + MLP on [direction, progress, prev action, prev reward,
     reset]; concatenate, Linear, LayerNorm."""
@@ -501,6 +472,10 @@ class KVCache:
 
     def advance(self):
         self.length += 1
+
+    def __call__(self, transformer: "Transformer", tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One new token per env: (E, 1, d_token) -> h (E, d_model)."""
+        return transformer(tokens, t, self)[:, 0]
 
 
 class Transformer(nn.Module):
@@ -734,10 +709,6 @@ class TokenHistory:
         return transformer(self.tokens[:, :n], self.t[:, :n])[envs, pos]
 
 
-def kv_step(cache: KVCache, transformer: Transformer, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return transformer(tokens, t, cache)[:, 0]
-
-
 class MetaRollouts:
     """A vector env plus what each token needs beyond the observation: the previous action and reward, the
     reset bit d (1 at the first step of every inner episode), the absolute time index and the rollout id.
@@ -746,16 +717,11 @@ class MetaRollouts:
     def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
         self.envs, self.buffer, self.device = envs, buffer, device
         E, space = envs.num_envs, envs.single_action_space
-        if args.kv_cache:
-            cache = KVCache(agent.transformer, E, args.context_len, device)
-            self.context, self.step_fn = cache, lambda tr, x, t: kv_step(cache, tr, x, t)
-        else:
-            self.context = TokenHistory(E, args.context_len, args.d_token, device)
-            self.step_fn = self.context
+        self.context = (KVCache(agent.transformer, E, args.context_len, device) if args.kv_cache
+                        else TokenHistory(E, args.context_len, args.d_token, device))
         self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
         self.cur.update(prev_action=np.zeros((E, *space.shape), space.dtype), prev_reward=np.zeros(E, np.float32),
                         reset=np.zeros(E, np.float32), time=np.zeros(E, np.int64), rollout_id=np.zeros(E, np.int64))
-        self.seed = args.seed
 
     def restart(self, seed: int):
         """Start a new meta-rollout in every env."""
@@ -781,7 +747,7 @@ class MetaRollouts:
         """Sample from the rollout gamma's actor head given each env's current token and its context."""
         x = {k: torch.as_tensor(v, device=self.device)[:, None] for k, v in self.cur.items()}
         tokens = agent.encoder({k: x[k] for k in agent.obs_keys}, x["prev_action"], x["prev_reward"], x["reset"])
-        h = self.step_fn(agent.transformer, tokens, x["time"])
+        h = self.context(agent.transformer, tokens, x["time"])
         return agent.actor(h).sample()[:, agent.rollout_gamma].cpu().numpy()
 
     def step(self, actions: np.ndarray) -> tuple[list, np.ndarray]:

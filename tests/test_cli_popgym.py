@@ -15,7 +15,7 @@ TINY = ["--tasks", "RepeatPreviousEasy", "MineSweeperEasy", "--num-envs", "2", "
 
 
 def run(args, cwd):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")  # tiny models run faster on one thread
     return subprocess.run([sys.executable, os.path.join(ROOT, "amago2_popgym.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -31,7 +31,7 @@ def test_shared_definitions_are_identical():
 def test_popgym_core_is_in_every_script():
     """The shared core of the canonical script appears in each full script (once the script has its loop)."""
     core = {n: s for n, s in definitions(os.path.join(ROOT, "amago2_popgym.py")).items() if n not in EXEMPT}
-    core = {n for n in core if n not in {"popgym_class", "flat_size", "flatten", "num_actions", "POPGymMetaEnv"}}
+    core = {n for n in core if n not in {"popgym_class", "flat_size", "flatten", "num_actions", "POPGymMetaEnv", "InputNorm"}}
     for path in glob.glob(os.path.join(ROOT, "amago2_*.py")):
         if "__main__" not in open(path).read():
             continue  # a script still being assembled
