@@ -37,3 +37,11 @@ def test_popgym_core_is_in_every_script():
             continue  # a script still being assembled
         missing = core - set(definitions(path))
         assert not missing, f"{os.path.basename(path)} lacks shared definitions: {sorted(missing)}"
+
+
+def test_pixel_scripts_share_their_encoder():
+    """Atari and Procgen use the same pixel timestep encoder text (issue: "same text")."""
+    atari, procgen = (os.path.join(ROOT, f"amago2_{b}.py") for b in ("atari", "procgen"))
+    if not all("__main__" in open(p).read() for p in (atari, procgen)):
+        return  # a script still being assembled
+    assert definitions(atari)["TimestepEncoder"] == definitions(procgen)["TimestepEncoder"]
