@@ -132,6 +132,22 @@ def test_truncation_is_not_termination():
     assert info["task"] == "Pong" and "metrics" in info
 
 
+def test_an_explicit_seed_replaces_the_construction_seed():
+    """A seeded reset (MetaRollouts.restart) must not leave the construction seed for the next, unseeded reset:
+    that would replay the construction seed's sticky-action stream in the second game."""
+    def frames_after(env, seed=None):
+        env.reset(seed=seed)
+        return np.stack([env.step(a)[0]["image"] for a in [1] + [3, 4] * 60])
+
+    env = atari.AtariEnv("Breakout", seed=3)
+    frames_after(env, seed=7)
+    second_game = frames_after(env)  # unseeded: the game's RNG runs on from seed 7
+    first_game_of_seed_3 = frames_after(atari.AtariEnv("Breakout", seed=3))
+    assert not np.array_equal(second_game, first_game_of_seed_3)
+    # and the construction seed alone still gives a reproducible first game
+    np.testing.assert_array_equal(first_game_of_seed_3, frames_after(atari.AtariEnv("Breakout", seed=3)))
+
+
 def test_human_normalized_score_known_values():
     assert atari.human_normalized_score("Pong", -20.7) == pytest.approx(0.0)
     assert atari.human_normalized_score("Pong", 14.6) == pytest.approx(1.0)
@@ -147,14 +163,53 @@ def test_summarize_eval():
     assert s == pytest.approx({"hns_mean": 1.5, "hns_median": 1.0, "return_mean": 70.0})
 
 
-def test_capture_video_wraps_eval_env_0_only():
+def test_capture_video_wraps_eval_env_0_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # videos/<run_name> is relative to the working directory
     args = make_args(capture_video=True)
     assert isinstance(atari.make_env(args, 0, train=True)(), atari.AtariEnv)
     assert isinstance(atari.make_env(args, 1, train=False)(), atari.AtariEnv)
     pytest.importorskip("moviepy")  # gymnasium's RecordVideo needs moviepy
     env = atari.make_env(args, 0, train=False)()
     assert isinstance(env, gym.wrappers.RecordVideo)
+    env.reset()
     assert env.render().shape == (210, 160, 3)
+    for _ in range(5):
+        env.step(0)
+    env.close()  # writes the episode recorded so far
+    assert os.listdir(tmp_path / "videos" / "test") == ["rl-video-episode-0.mp4"]
+
+
+# ---------------------------------------------------------------- replay of uint8 frames on disk
+
+def test_disk_backed_buffer_round_trip(tmp_path):
+    """uint8 frames stay uint8 in a memory-mapped buffer, come back exactly, and survive save / reopen / load."""
+    from common.replay import ReplayBuffer
+
+    fields = {"image": ((84, 84, 3), np.uint8), "prev_action": ((), np.int64), "prev_reward": ((), np.float32),
+              "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
+    buf = ReplayBuffer(fields, 200, 2, path=str(tmp_path / "buf"))
+    assert isinstance(buf.data["image"], np.memmap) and (tmp_path / "buf" / "image.npy").exists()
+    assert "memory-mapped" in buf.footprint()
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (30, 2, 84, 84, 3), dtype=np.uint8)
+    ids = buf.new_rollout_ids(2)
+    for t in range(30):
+        buf.add({"image": frames[t], "prev_action": np.full(2, t % 18), "prev_reward": np.zeros(2, np.float32),
+                 "reset": np.zeros(2, np.float32), "reward": np.ones(2, np.float32), "terminal": np.zeros(2, bool),
+                 "rollout_id": ids, "time": np.full(2, t)})
+    batch = buf.sample(8, 6, rng)
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (8, 6, 84, 84, 3)
+    env_of = np.where(batch["rollout_id"] == ids[0], 0, 1)  # (B, L)
+    np.testing.assert_array_equal(batch["image"], frames[batch["time"], env_of])
+    buf.save(str(tmp_path / "snapshot"))
+    del buf
+    again = ReplayBuffer(fields, 200, 2, path=str(tmp_path / "buf"))  # reopens the same files
+    again.load(str(tmp_path / "snapshot"))
+    assert again.num_transitions() == 60
+    np.testing.assert_array_equal(again.data["image"][:30], frames)
+    # the training batch's augmentation keeps dtype and shape
+    shifted = atari.random_shift(torch.as_tensor(batch["image"]))
+    assert shifted.dtype == torch.uint8 and shifted.shape == batch["image"].shape
 
 
 # ---------------------------------------------------------------- DrQ-v2 random shift
@@ -225,7 +280,7 @@ def encoder_inputs(B, L, hw=84, num_actions=18):
 def test_encoder_output_shape_and_layernorm():
     torch.manual_seed(0)
     env = atari.AtariEnv("Pong")
-    enc = atari.TimestepEncoder(env.observation_space, num_actions=18)
+    enc = atari.TimestepEncoder(env.observation_space, action_dim=18, d_out=256)
     out = enc(*encoder_inputs(2, 3))
     assert out.shape == (2, 3, 256) and torch.isfinite(out).all()
     # final LayerNorm at init: every token has mean 0 and std 1 over features
@@ -238,7 +293,7 @@ def test_encoder_output_shape_and_layernorm():
 
 def test_encoder_tokens_are_per_timestep_and_use_the_rl2_inputs():
     torch.manual_seed(0)
-    enc = atari.TimestepEncoder(atari.AtariEnv("Pong").observation_space, num_actions=18, d_out=64).eval()
+    enc = atari.TimestepEncoder(atari.AtariEnv("Pong").observation_space, action_dim=18, d_out=64).eval()
     obs, a, r, d = encoder_inputs(2, 4)
     out = enc(obs, a, r, d)
     # folding (B, L) into the CNN batch: each token depends on its own timestep only
@@ -255,7 +310,7 @@ def test_encoder_tokens_are_per_timestep_and_use_the_rl2_inputs():
 
 def test_encoder_procgen_sizes_and_gradients():
     space = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)})
-    enc = atari.TimestepEncoder(space, num_actions=15, d_out=32, channels=(20, 36, 64), image_features=48)
+    enc = atari.TimestepEncoder(space, action_dim=15, d_out=32, channels=(20, 36, 64), image_features=48)
     out = enc(*encoder_inputs(1, 2, hw=64, num_actions=15))
     assert out.shape == (1, 2, 32)
     out.square().sum().backward()
