@@ -73,6 +73,8 @@ class Args:
     """context length l in timesteps (paper Table 2)"""
     augment_fraction: float = 0.75
     """share of training frames given a DrQ-v2 random shift (official library: 75%)"""
+    impala_channels: list[int] = field(default_factory=lambda: [16, 32, 32])
+    """IMPALA CNN block depths, multiples of 4 for GroupNorm(4) (paper Table 2)"""
     d_token: int = 256
     """timestep encoder output size (official library CNN encoder)"""
     d_model: int = 256
@@ -241,6 +243,8 @@ def check_env_args(args: Args):
         fail(f"--num-envs {args.num_envs} must be a multiple of the {len(args.games)} games, so every game is always being played")
     if not 0.0 <= args.augment_fraction <= 1.0:
         fail(f"--augment-fraction must be in [0, 1], got {args.augment_fraction}")
+    if not args.impala_channels or any(c <= 0 or c % 4 for c in args.impala_channels):
+        fail(f"--impala-channels must be positive multiples of 4 (GroupNorm(4)), got {args.impala_channels}")
     if args.capture_video:
         try:  # gymnasium's RecordVideo writes videos with moviepy; find out here, not in an env subprocess
             import moviepy  # noqa: F401
@@ -253,38 +257,6 @@ def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     hns = [m["hns"] for m in per_task.values()]
     return {"hns_mean": float(np.mean(hns)), "hns_median": float(np.median(hns)),
             "return_mean": float(np.mean([m["return"] for m in per_task.values()]))}
-
-
-# ======================================================================================
-# Pixel timestep encoder: IMPALA CNN with GroupNorm, and the DrQ-v2 shift of training frames
-# ======================================================================================
-# InputNorm is shared with the state-based scripts (tests/test_shared_core.py); pixels are scaled by a constant instead
-class InputNorm(nn.Module):
-    """Running mean/std of the raw timestep input (official library: momentum 1e-4, bias-corrected)."""
-
-    def __init__(self, dim: int, momentum: float = 1e-4):
-        super().__init__()
-        self.momentum = momentum
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("sq_mean", torch.zeros(dim))
-        self.register_buffer("count", torch.zeros(()))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                valid = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
-                if len(valid):
-                    m = self.momentum
-                    self.mean.lerp_(valid.mean(0), m)
-                    self.sq_mean.lerp_(valid.pow(2).mean(0), m)
-                    self.count += 1
-        if self.count == 0:
-            return x
-        correction = 1 - (1 - self.momentum) ** self.count
-        mean, sq_mean = self.mean / correction, self.sq_mean / correction
-        std = (sq_mean - mean.pow(2)).clamp(min=0).sqrt()
-        # rare binary features (the reset bit) have tiny std: clip so they cannot blow up the MLP
-        return ((x - mean) / (std + 1e-5)).clamp(-10, 10)
 
 
 class ResidualBlock(nn.Module):
@@ -360,6 +332,10 @@ def random_shift(frames: torch.Tensor, pad: int = 4, fraction: float = 0.75) -> 
     out[idx] = frames[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, H, W, C)
     return out.reshape(shape)
 
+
+def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.Module:
+    """The timestep encoder with this benchmark's sizes (called by the shared Agent)."""
+    return TimestepEncoder(obs_space, action_dim, args.d_token, channels=args.impala_channels)
 
 # ======================================================================================
 # Action distribution (discrete): the actor and the two places that depend on the action type
@@ -596,7 +572,7 @@ class Agent(nn.Module):
         self.register_buffer("gammas", torch.tensor(args.gammas))
         self.rollout_gamma = args.gammas.index(args.rollout_gamma)
         self.register_buffer("bins", bin_supports(args.num_bins))
-        self.encoder = TimestepEncoder(obs_space, action_dim, args.d_token)
+        self.encoder = make_encoder(obs_space, action_dim, args)
         self.transformer = Transformer(args.d_token, args.d_model, args.n_layers, args.n_heads, args.d_ff, args.dropout)
         self.actor = Actor(args.d_model, action_dim, len(args.gammas), args.head_hidden)
         out = args.num_bins if args.critic_loss == "ind" else 1
@@ -883,6 +859,8 @@ def resolve_args(args: Args) -> Args:
             f"with {args.num_envs} envs: it needs at least {max(args.batch_size, args.num_envs) * window} timesteps; "
             "raise --buffer-size or lower --batch-size / --context-len"
         )
+    if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
+        fail(f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
     check_env_args(args)
     if not args.run_name:
         args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"

@@ -342,6 +342,11 @@ class TimestepEncoder(nn.Module):
         return self.mlp(self.norm(x.float(), mask))
 
 
+
+def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.Module:
+    """The timestep encoder with this benchmark's sizes (called by the shared Agent)."""
+    return TimestepEncoder(obs_space, action_dim, args.d_token)
+
 # ======================================================================================
 # Action distribution (discrete): the actor and the two places that depend on the action type
 # ======================================================================================
@@ -577,7 +582,7 @@ class Agent(nn.Module):
         self.register_buffer("gammas", torch.tensor(args.gammas))
         self.rollout_gamma = args.gammas.index(args.rollout_gamma)
         self.register_buffer("bins", bin_supports(args.num_bins))
-        self.encoder = TimestepEncoder(obs_space, action_dim, args.d_token)
+        self.encoder = make_encoder(obs_space, action_dim, args)
         self.transformer = Transformer(args.d_token, args.d_model, args.n_layers, args.n_heads, args.d_ff, args.dropout)
         self.actor = Actor(args.d_model, action_dim, len(args.gammas), args.head_hidden)
         out = args.num_bins if args.critic_loss == "ind" else 1
@@ -864,6 +869,8 @@ def resolve_args(args: Args) -> Args:
             f"with {args.num_envs} envs: it needs at least {max(args.batch_size, args.num_envs) * window} timesteps; "
             "raise --buffer-size or lower --batch-size / --context-len"
         )
+    if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
+        fail(f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
     check_env_args(args)
     if not args.run_name:
         args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"

@@ -39,6 +39,13 @@ class ReplayBuffer:
             )
         if path is not None:
             os.makedirs(path, exist_ok=True)
+            on_disk = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+            free = shutil.disk_usage(path).free + on_disk  # memory-mapped files fill in as the buffer does
+            if self.nbytes > free:
+                raise MemoryError(
+                    f"the replay buffer needs {self.nbytes / 2**30:.1f} GiB on disk but {path} has only "
+                    f"{free / 2**30:.1f} GiB free: lower the buffer size or choose another --buffer-dir"
+                )
         self.data = {}
         for name, (shape, dtype) in fields.items():
             full_shape = (self.rows, num_envs, *shape)

@@ -89,3 +89,19 @@ def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):
     out = run([*TINY, *flags], tmp_path)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_fresh_run_refuses_a_used_buffer_dir(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "obs.npy").write_bytes(b"x")
+    out = run([*TINY, "--buffer-dir", "old"], tmp_path)
+    assert out.returncode == 2 and "already holds a replay buffer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_disk_backed_buffer_run_and_resume(tmp_path):
+    out = run([*TINY, "--buffer-dir", "buf", "--save-model", "--run-name", "r"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "memory-mapped in buf" in out.stdout
+    out = run(["--resume", "runs/r", "--total-timesteps", "320"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "done: 320 steps, 8 updates" in out.stdout

@@ -135,3 +135,13 @@ def test_memory_mapped_buffer(tmp_path):
 def test_ram_buffer_that_cannot_fit_is_refused():
     with pytest.raises(MemoryError, match="--buffer-dir"):
         ReplayBuffer({"frame": ((84, 84, 3), np.uint8)}, capacity=10**9, num_envs=1)
+
+
+def test_disk_buffer_that_cannot_fit_is_refused(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**6))
+    with pytest.raises(MemoryError, match="on disk"):
+        ReplayBuffer({"frame": ((84, 84, 3), np.uint8)}, capacity=10**5, num_envs=1, path=str(tmp_path / "b"))

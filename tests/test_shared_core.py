@@ -6,7 +6,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what legitimately differs per benchmark: flags, the env, the timestep encoder and the action distribution
-EXEMPT = {"Args", "make_env", "make_eval_envs", "check_env_args", "summarize_eval", "TimestepEncoder",
+EXEMPT = {"Args", "make_env", "make_eval_envs", "check_env_args", "summarize_eval", "TimestepEncoder", "make_encoder",
           "Actor", "action_features", "dpg_actor_loss", "explore", "NO_ACTION"}
 
 
