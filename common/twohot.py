@@ -35,4 +35,4 @@ def twohot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 def bins_to_scalar(probs: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Scalar value of a bin distribution: the expectation in symlog space, then symexp. (..., B) -> (...)."""
-    return symexp((probs * bins).sum(-1))
+    return symexp(probs @ bins)
