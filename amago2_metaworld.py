@@ -526,11 +526,14 @@ class CriticEnsemble(nn.Module):
         N, K, Ga, _ = action_feats.shape
         G, C = len(self.gamma_feature), self.w_state.shape[0]
         state = torch.einsum("nd,cdh->cnh", h, self.w_state)  # (C, N, H): once per state
-        action = torch.einsum("nkga,cah->cnkgh", action_feats, self.w_action)  # (C, N, K, Ga, H)
-        gamma = torch.einsum("gi,cih->cgh", self.gamma_feature, self.w_gamma)  # (C, G, H)
-        x = F.leaky_relu(state[:, :, None, None] + action + gamma[:, None, None] + self.b1[:, None, None])
-        x = x.reshape(C, N * K * G, -1)  # (C, N*K*G, H)
-        x = F.leaky_relu(torch.baddbmm(self.b2, x, self.w2))
+        # a plain matmul keeps (C, N, K, Ga, H) contiguous (einsum's permuted output would cost a full copy below)
+        action = torch.matmul(action_feats.reshape(1, -1, action_feats.shape[-1]), self.w_action).view(C, N, K, Ga, -1)
+        gamma = torch.einsum("gi,cih->cgh", self.gamma_feature, self.w_gamma) + self.b1  # (C, G, H), with the bias
+        # the (C, N, K, G, H) pre-activation is the update's largest tensor: one broadcast add, then in place
+        x = action + gamma[:, None, None]
+        x += state[:, :, None, None]
+        x = F.leaky_relu(x, inplace=True).reshape(C, N * K * G, -1)  # (C, N*K*G, H)
+        x = F.leaky_relu(torch.baddbmm(self.b2, x, self.w2), inplace=True)
         x = torch.baddbmm(self.b3, x, self.w3)  # (C, N*K*G, out)
         return x.view(C, N, K, G, -1).permute(1, 2, 3, 0, 4)
 

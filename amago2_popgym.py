@@ -528,7 +528,8 @@ class CriticEnsemble(nn.Module):
         N, K, Ga, _ = action_feats.shape
         G, C = len(self.gamma_feature), self.w_state.shape[0]
         state = torch.einsum("nd,cdh->cnh", h, self.w_state)  # (C, N, H): once per state
-        action = torch.einsum("nkga,cah->cnkgh", action_feats, self.w_action)  # (C, N, K, Ga, H)
+        # a plain matmul keeps (C, N, K, Ga, H) contiguous (einsum's permuted output would cost a full copy below)
+        action = torch.matmul(action_feats.reshape(1, -1, action_feats.shape[-1]), self.w_action).view(C, N, K, Ga, -1)
         gamma = torch.einsum("gi,cih->cgh", self.gamma_feature, self.w_gamma) + self.b1  # (C, G, H), with the bias
         # the (C, N, K, G, H) pre-activation is the update's largest tensor: one broadcast add, then in place
         x = action + gamma[:, None, None]
