@@ -337,6 +337,7 @@ def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.
     """The timestep encoder with this benchmark's sizes (called by the shared Agent)."""
     return TimestepEncoder(obs_space, action_dim, args.d_token, channels=args.impala_channels)
 
+
 # ======================================================================================
 # Action distribution (discrete): the actor and the two places that depend on the action type
 # ======================================================================================

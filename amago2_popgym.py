@@ -342,10 +342,10 @@ class TimestepEncoder(nn.Module):
         return self.mlp(self.norm(x.float(), mask))
 
 
-
 def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.Module:
     """The timestep encoder with this benchmark's sizes (called by the shared Agent)."""
     return TimestepEncoder(obs_space, action_dim, args.d_token)
+
 
 # ======================================================================================
 # Action distribution (discrete): the actor and the two places that depend on the action type

@@ -1,14 +1,163 @@
 # AMAGO-2 on multi-game Procgen (easy / memory-hard, two attempts per level): results table in README.md#procgen
 import contextlib
+import copy
 import io
-from typing import Callable
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
 
 import gymnasium as gym
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+from common.replay import ReplayBuffer
+from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 
 with contextlib.redirect_stderr(io.StringIO()):  # procgen imports the legacy gym package, which prints a notice
     from procgen import ProcgenGym3Env
 
+# The flags whose paper value depends on --mode (paper Tables 1 and 2): Args fills in those left at None from here,
+# and --games and --horizon from the env's MODES table below.
+MODE_DEFAULTS = {
+    "easy": {"batch_size": 24, "buffer_size": 18_000_000, "context_len": 128, "n_layers": 3, "impala_channels": [16, 32, 32]},
+    "memory-hard": {"batch_size": 16, "buffer_size": 80_000_000, "context_len": 768, "n_layers": 6, "impala_channels": [20, 36, 64]},
+}
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (runs/<exp_name>__<seed>__<time>)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """sets `torch.backends.cudnn.deterministic`"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto picks cuda when a GPU is visible, else cpu"""
+    save_model: bool = False
+    """write a checkpoint (weights, optimiser, statistics, RNG, counters, replay buffer) every --checkpoint-every steps and at the end"""
+    checkpoint_every: int = 1_000_000
+    """environment steps between checkpoints (with --save-model)"""
+    resume: str | None = None
+    """a run folder (runs/<run_name>) to continue from its last good checkpoint; its saved flags are used, --total-timesteps may be raised"""
+
+    # Algorithm specific arguments
+    mode: Literal["easy", "memory-hard"] = "easy"
+    """easy: 5 games on easy levels (paper Fig. 6); memory-hard: all 16 games on memory levels where a game has them, else hard (paper Fig. 8); it sets every flag below whose None means the mode's value"""
+    games: list[str] = field(default_factory=list)
+    """Procgen games, one drawn uniformly per meta-rollout (empty: the mode's: easy climber coinrun jumper ninja leaper, paper Fig. 6; memory-hard all 16, paper Fig. 8)"""
+    reward_scales: str = ""
+    """GAME=FACTOR list that rescales what the learner sees, e.g. coinrun=100,climber=0.1 (paper Fig. 6); reported returns stay on the default scale"""
+    num_train_levels: int = 2000
+    """training levels per game; evaluation plays unseen levels (paper Sec. 5: 2k)"""
+    horizon: int | None = None
+    """meta-rollout cap H across both attempts (None: the mode's, paper App. B: easy 2500, memory-hard 5000); small values shorten smoke runs"""
+    actor_loss: Literal["ind", "dep"] = "ind"
+    """ind: CRR binary filter (Eq. 4); dep: maximise Q (Eq. 2)"""
+    critic_loss: Literal["ind", "dep"] = "ind"
+    """ind: two-hot classification (Eq. 3); dep: PopArt-normalised MSE (Eq. 1)"""
+    total_timesteps: int = 275_000_000
+    """total environment steps (paper Fig. 6: 275M in easy mode; Fig. 8 trains memory-hard for 2.7B)"""
+    num_envs: int = 16
+    """parallel environments (our choice; the paper does not state it)"""
+    async_envs: bool = False
+    """step envs in subprocesses (gymnasium AsyncVectorEnv); Procgen steps are cheap: 16 envs on 2 shared CPU cores, sync ~34,000 vs async ~10,000 env steps/s"""
+    steps_per_epoch: int = 1000
+    """steps collected per env between update phases (official library default)"""
+    updates_per_epoch: int = 1000
+    """gradient updates per epoch (official library default)"""
+    buffer_size: int | None = None
+    """replay capacity in timesteps (None: the mode's, paper Table 1: easy 18M, memory-hard 80M; ~12 KB a frame: use --buffer-dir)"""
+    batch_size: int | None = None
+    """sequences per batch (None: the mode's, paper Table 1: easy 24, memory-hard 16)"""
+    context_len: int | None = None
+    """context length l in timesteps (None: the mode's, paper Table 2: easy 128, memory-hard 768)"""
+    augment_fraction: float = 0.75
+    """share of training frames given a DrQ-v2 random shift (official library: 75%)"""
+    impala_channels: list[int] | None = None
+    """IMPALA CNN block depths, multiples of 4 for GroupNorm(4) (None: the mode's, paper Table 2: easy 16 32 32, memory-hard 20 36 64)"""
+    d_token: int = 256
+    """timestep encoder output size (official library CNN encoder)"""
+    d_model: int = 512
+    """Transformer width (paper Table 2, Procgen)"""
+    d_ff: int = 2048
+    """Transformer feed-forward width (paper Table 2, Procgen)"""
+    n_layers: int | None = None
+    """Transformer layers (None: the mode's, paper Table 2: easy 3, memory-hard 6)"""
+    n_heads: int = 8
+    """attention heads (paper Table 2)"""
+    dropout: float = 0.05
+    """embedding and feed-forward dropout (official library)"""
+    gammas: list[float] = field(default_factory=lambda: [0.1, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999])
+    """learning discounts, one actor output and one critic input each (paper Table 1)"""
+    rollout_gamma: float = 0.999
+    """the gamma whose actor head acts in rollouts (paper Table 1); must be one of --gammas"""
+    num_critics: int = 4
+    """critic ensemble size (paper Table 1)"""
+    num_bins: int = 128
+    """two-hot bins B for --critic-loss ind (paper Table 2, Procgen)"""
+    head_hidden: int = 256
+    """hidden width of the actor and critic MLPs (256, 256) (paper Table 2)"""
+    tau: float = 0.003
+    """EMA rate of the target actor and critic heads (paper Table 1)"""
+    critic_weight: float = 10.0
+    """lambda in actor_loss + lambda * critic_loss (official library)"""
+    reward_multiplier: float = 10.0
+    """reward scale inside the loss only (official library, Procgen)"""
+    crr_samples: int = 3
+    """policy samples in the CRR advantage baseline (official library)"""
+    crr_threshold: float = 0.0
+    """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
+    popart_beta: float = 5e-4
+    """PopArt statistics rate for --critic-loss dep (official library)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate (paper Table 1, Procgen)"""
+    weight_decay: float = 5e-3
+    """AdamW decay, the paper's L2 penalty (paper Table 1, Procgen)"""
+    grad_clip: float = 1.0
+    """global gradient-norm clip (paper Table 1, Procgen)"""
+    warmup_updates: int = 500
+    """linear learning-rate warmup (official library)"""
+    eps_start: float = 1.0
+    """epsilon-greedy start value (official library)"""
+    eps_end: float = 0.05
+    """epsilon-greedy end value (official library)"""
+    eps_anneal_steps: int = 1_000_000
+    """steps per env over which epsilon anneals (official library default)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
+    kv_cache: bool = True
+    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
+    buffer_dir: str | None = None
+    """keep the replay buffer memory-mapped in this folder instead of RAM (needed at the paper's 18M / 80M frames)"""
+    eval_every: int = 1_000_000
+    """environment steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 5
+    """evaluation meta-rollouts per game, on unseen levels (our choice)"""
+    log_every: float = 30.0
+    """seconds between progress lines"""
+
+    # filled in at runtime
+    run_name: str = ""
+    """runs/<run_name>: filled in at runtime"""
+
+    def __post_init__(self):
+        """Flags left at None (or --games left empty) take the paper's value for --mode."""
+        for name, value in {**MODE_DEFAULTS[self.mode], "games": MODES[self.mode][0], "horizon": MODES[self.mode][1]}.items():
+            if getattr(self, name) in (None, []):
+                setattr(self, name, copy.copy(value))
+
+
+# ======================================================================================
+# Environment: one gymnasium episode = one meta-rollout = one Procgen level played twice
+# ======================================================================================
 # The standard Procgen score ranges (R_min, R_max) that normalise returns (Cobbe et al. 2020, "Leveraging Procedural
 # Generation to Benchmark Reinforcement Learning", App. C). Memory mode has none of its own: like the AMAGO-2 paper
 # (App. B) it is normalised with the hard-mode ranges.
@@ -130,11 +279,12 @@ class ProcgenMetaEnv(gym.Env):
 
     def metrics(self) -> dict[str, float]:
         """Per-attempt returns on the default reward scale and normalised by the mode's score ranges. An attempt
-        that the cap cut short counts what it earned; one it never reached counts as return 0."""
+        that the cap cut short counts what it earned; one it never reached counts as return 0. "return" is the
+        whole meta-rollout's (both attempts), "steps" its length: the experience it added to the buffer."""
         lo, hi = self.score_ranges[self.game]
         norm = [(r - lo) / (hi - lo) for r in self.returns]
-        return {"return_1": self.returns[0], "return_2": self.returns[1], "norm_1": norm[0], "norm_2": norm[1],
-                "steps": float(self.t)}
+        return {"return": sum(self.returns), "return_1": self.returns[0], "return_2": self.returns[1],
+                "norm_1": norm[0], "norm_2": norm[1], "steps": float(self.t)}
 
     def close(self):
         # Close what you build: a gym3 env left to the garbage collector deadlocks the process if it is collected
@@ -164,17 +314,40 @@ def parse_reward_scales(s: str) -> dict[str, float]:
     return scales
 
 
-def make_env(args, env_idx: int, train: bool, task: str | None = None) -> Callable[[], gym.Env]:
-    # Reads args.mode ("easy" | "memory-hard"), args.games (Procgen games; empty = the mode's own list),
-    # args.reward_scales ("coinrun=100,climber=0.1", training only: evaluation always plays the default scale) and
-    # args.num_train_levels. Seeds come from MetaRollouts.restart (reset(seed=...)), so args.seed and env_idx are
-    # not needed here. train=False plays unseen levels; task pins one game.
+def make_env(args: Args, env_idx: int, train: bool, task: str | None = None) -> Callable[[], gym.Env]:
+    # Seeds come from MetaRollouts.restart (reset(seed=...)), so args.seed and env_idx are not needed here.
+    # train=False plays unseen levels on the default reward scale; task pins one game.
     scales = parse_reward_scales(args.reward_scales) if train else {}  # bad flags fail here, not in a worker
 
     def thunk():
-        return ProcgenMetaEnv(args.mode, args.games, train, args.num_train_levels, scales, task)
+        return ProcgenMetaEnv(args.mode, args.games, train, args.num_train_levels, scales, task, args.horizon)
 
     return thunk
+
+
+def make_eval_envs(args: Args) -> list:
+    """One evaluation env pinned to each game, on levels that training never draws."""
+    return [make_env(args, i, train=False, task=game) for i, game in enumerate(args.games)]
+
+
+def check_env_args(args: Args):
+    unknown = sorted(set(args.games) - set(PROCGEN_GAMES))
+    if unknown:
+        fail(f"unknown Procgen game(s) {unknown}; choose from: {', '.join(PROCGEN_GAMES)}")
+    try:
+        scales = parse_reward_scales(args.reward_scales)
+    except ValueError as e:
+        fail(f"--reward-scales: {e}")
+    if set(scales) - set(args.games):
+        fail(f"--reward-scales names game(s) not played: {sorted(set(scales) - set(args.games))}")
+    if not 0 < args.num_train_levels <= EVAL_START_LEVEL:
+        fail(f"--num-train-levels must be in [1, {EVAL_START_LEVEL}] (evaluation levels start there), got {args.num_train_levels}")
+    if args.horizon <= 0:
+        fail(f"--horizon must be positive, got {args.horizon}")
+    if not 0.0 <= args.augment_fraction <= 1.0:
+        fail(f"--augment-fraction must be in [0, 1], got {args.augment_fraction}")
+    if not args.impala_channels or any(c <= 0 or c % 4 for c in args.impala_channels):
+        fail(f"--impala-channels must be positive multiples of 4 (GroupNorm(4)), got {args.impala_channels}")
 
 
 def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -183,4 +356,751 @@ def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     return {f"{k}_mean": float(np.mean([m[k] for m in per_task.values()])) for k in ("norm_1", "norm_2", "return_2")}
 
 
-# ---- shared core goes here ----
+class ResidualBlock(nn.Module):
+    """x + conv(act(conv(act(x)))), 3x3 convs that keep the shape."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(F.leaky_relu(self.conv1(F.leaky_relu(x, 0.01)), 0.01))
+
+
+class ImpalaBlock(nn.Module):
+    """IMPALA CNN block: conv3x3, maxpool 3 stride 2 (halves H and W), two residual blocks, GroupNorm."""
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.res1, self.res2 = ResidualBlock(channels), ResidualBlock(channels)
+        self.norm = nn.GroupNorm(4, channels)  # 4 groups (official library)
+
+    def forward(self, x):
+        return self.norm(self.res2(self.res1(self.pool(self.conv(x)))))
+
+
+class TimestepEncoder(nn.Module):
+    """Pixel timestep encoder (SPEC 1): frame -> IMPALA CNN -> Linear -> LayerNorm, merged with a small Linear
+    of symlog([prev action one-hot, prev reward, reset]) -> Linear -> LayerNorm. `channels` are the IMPALA block
+    depths (paper Table 2: Atari and Procgen easy 16, 32, 32; Procgen memory-hard 20, 36, 64)."""
+
+    def __init__(self, obs_space: gym.spaces.Dict, action_dim: int, d_out: int, channels=(16, 32, 32), image_features: int = 256):
+        super().__init__()
+        self.action_dim = action_dim
+        H, W, C = obs_space["image"].shape
+        blocks = []
+        for c in channels:
+            blocks.append(ImpalaBlock(C, c))
+            C, H, W = c, (H + 1) // 2, (W + 1) // 2  # each maxpool: ceil(size / 2)
+        self.cnn = nn.Sequential(*blocks, nn.Flatten())
+        self.image_proj = nn.Sequential(nn.Linear(C * H * W, image_features), nn.LayerNorm(image_features))
+        self.rl2_proj = nn.Linear(action_dim + 2, 12)  # "small Linear": 12 features (official library)
+        self.merge = nn.Linear(image_features + 12, d_out)
+        self.out_norm = nn.LayerNorm(d_out)
+
+    def forward(self, obs, prev_action, prev_reward, reset, mask=None):
+        # obs["image"]: (B, L, H, W, 3) uint8, prev_action: (B, L) long, prev_reward / reset: (B, L).
+        # mask is unused: there are no running input statistics to keep padding out of (frames are scaled by a constant)
+        img = obs["image"]
+        B, L = img.shape[:2]
+        x = img.reshape(B * L, *img.shape[2:]).permute(0, 3, 1, 2).float() / 128.0 - 1.0  # (B*L, 3, H, W)
+        x = self.image_proj(self.cnn(x)).reshape(B, L, -1)  # (B, L, image_features)
+        rl2 = torch.cat([action_features(prev_action, self.action_dim), prev_reward[..., None].float(), reset[..., None].float()], -1)
+        rl2 = self.rl2_proj(symlog(rl2))  # symlog: raw Atari rewards reach the thousands
+        return self.out_norm(self.merge(F.leaky_relu(torch.cat([x, rl2], -1))))  # activation before the merge (official library)
+
+
+def random_shift(frames: torch.Tensor, pad: int = 4, fraction: float = 0.75) -> torch.Tensor:
+    """DrQ-v2 augmentation: pad each frame by `pad` pixels with edge replication and crop back at a
+    random integer offset in [0, 2 * pad], independently per frame, for a random `fraction` of the
+    frames (official library: 75%); the rest pass untouched. frames uint8 (..., H, W, C)."""
+    shape = frames.shape
+    H, W = shape[-3], shape[-2]
+    frames = frames.reshape(-1, *shape[-3:])  # (N, H, W, C)
+    idx = torch.randperm(len(frames), device=frames.device)[: round(fraction * len(frames))]
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, len(idx), 1), device=frames.device)
+    # Crop of the edge-padded frame at (dy, dx) == read source pixel (i + dy - pad), clamped.
+    rows = (torch.arange(H, device=frames.device) + dy - pad).clamp(0, H - 1)  # (n, H)
+    cols = (torch.arange(W, device=frames.device) + dx - pad).clamp(0, W - 1)  # (n, W)
+    out = frames.clone()
+    out[idx] = frames[idx[:, None, None], rows[:, :, None], cols[:, None, :]]  # (n, H, W, C)
+    return out.reshape(shape)
+
+
+def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.Module:
+    """The timestep encoder with this benchmark's sizes (called by the shared Agent)."""
+    return TimestepEncoder(obs_space, action_dim, args.d_token, channels=args.impala_channels)
+
+
+# ======================================================================================
+# Action distribution (discrete): the actor and the two places that depend on the action type
+# ======================================================================================
+NO_ACTION = -1  # the "previous action" at a meta-rollout start: its one-hot is all zeros (SPEC 1)
+
+
+def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
+    """How an action enters the critic and the timestep token: one-hot for discrete actions. (...) -> (..., A)."""
+    return F.one_hot(actions.long() + 1, action_dim + 1)[..., 1:].float()  # NO_ACTION (-1) -> zeros
+
+
+class Actor(nn.Module):
+    """MLP (256, 256) -> G categorical distributions, one per gamma; probabilities clamped to [1e-3, 0.99] (exploration floor)."""
+
+    def __init__(self, d_model: int, action_dim: int, num_gammas: int, hidden: int):
+        super().__init__()
+        self.action_dim, self.num_gammas = action_dim, num_gammas
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * action_dim)
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.distributions.Categorical:
+        logits = self.mlp(h).float().unflatten(-1, (self.num_gammas, self.action_dim))  # (..., G, A)
+        probs = logits.softmax(-1).clamp(1e-3, 0.99)
+        return torch.distributions.Categorical(probs=probs / probs.sum(-1, keepdim=True))
+
+
+def dpg_actor_loss(agent, h: torch.Tensor, dist, critic_loss: str) -> torch.Tensor:
+    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions. Returns (N, G).
+
+    CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor
+    (and, through the actor head, the Transformer) and never the critics.
+    """
+    with torch.no_grad():
+        all_actions = torch.arange(agent.action_dim, device=h.device).view(1, -1, 1).expand(h.shape[0], -1, 1)
+        q = agent.q_values(agent.critics, h.detach(), all_actions, normalized=critic_loss == "dep")  # (N, A, G, C)
+        q = q.min(-1).values.transpose(1, 2)  # (N, G, A): pessimistic over the ensemble
+    return -(dist.probs * q).sum(-1)
+
+
+def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
+    """Epsilon-greedy on top of policy sampling: each env replaces its action by a uniform one with prob. epsilon."""
+    random_actions = rng.integers(action_space.n, size=len(actions))
+    return np.where(rng.random(len(actions)) < epsilon, random_actions, actions)
+
+
+# ---- shared core: the same text in every amago2_*.py (tests/test_shared_core.py) ----
+class SigmaReparamLinear(nn.Module):
+    """sigma-reparam: effective weight (g / sigma(W)) W, sigma(W) from one power-iteration step per training forward."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        layer = nn.Linear(d_in, d_out)
+        self.weight, self.bias = layer.weight, layer.bias
+        self.gain = nn.Parameter(torch.ones(()))
+        self.register_buffer("u", F.normalize(torch.randn(d_out), dim=0))
+        self.register_buffer("v", F.normalize(torch.randn(d_in), dim=0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():  # u, v are estimates, not parameters: no gradient through them
+                self.v.copy_(F.normalize(self.weight.T @ self.u, dim=0))
+                self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
+        sigma = self.u @ self.weight @ self.v
+        # ((g / sigma) W) x == (g / sigma) (W x): scaling the output avoids materialising a new weight
+        return F.linear(x, self.weight) * (self.gain / sigma) + self.bias
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed sin/cos embedding of the absolute time index t (counted from the meta-rollout start). (...) -> (..., dim)."""
+    freqs = torch.exp(-np.log(10000.0) * torch.arange(0, dim, 2, device=t.device) / dim)
+    angles = t[..., None].float() * freqs
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm_attn_in, self.norm_attn_out = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model), SigmaReparamLinear(d_model, d_model)
+        self.head_scale = nn.Parameter(torch.ones(n_heads))  # NormFormer: learnable per-head scale
+        self.norm_ff_in, self.norm_ff_mid = nn.LayerNorm(d_model), nn.LayerNorm(d_ff)
+        self.ff1, self.ff2 = SigmaReparamLinear(d_model, d_ff), SigmaReparamLinear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.norm_attn_in(x)).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        if cache is None:  # training / full recompute: (B, H, L, dh), causal
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # rollout: one new token per env attends to that env's cached keys and values
+            k, v, valid = cache.write(self, k, v)
+            a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid)
+        a = (a * self.head_scale.view(1, -1, 1, 1)).transpose(1, 2).reshape(B, L, D)
+        x = x + self.dropout(self.norm_attn_out(self.attn_out(a)))  # NormFormer: LayerNorm after attention
+        f = self.ff2(self.dropout(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x))))))
+        return x + self.dropout(f)
+
+
+class KVCache:
+    """Per-env key/value cache for rollouts: each env has its own length, emptied when its env starts a new
+    meta-rollout. Past `context_len` tokens it becomes a sliding window (a ring: attention ignores order,
+    and positions were added to the tokens before the keys were computed, so they stay absolute)."""
+
+    def __init__(self, model: "Transformer", num_envs: int, context_len: int, device):
+        d_head = model.d_model // model.n_heads
+        shape = (num_envs, model.n_heads, context_len, d_head)
+        self.k = {layer: torch.zeros(shape, device=device) for layer in model.layers}
+        self.v = {layer: torch.zeros(shape, device=device) for layer in model.layers}
+        self.length = torch.zeros(num_envs, dtype=torch.long, device=device)  # tokens seen this meta-rollout
+        self.context_len = context_len
+
+    def reset(self, envs: torch.Tensor):
+        self.length[envs] = 0
+
+    def write(self, layer, k: torch.Tensor, v: torch.Tensor):
+        envs = torch.arange(len(self.length), device=k.device)
+        slot = self.length % self.context_len
+        self.k[layer][envs, :, slot] = k[:, :, 0].float()
+        self.v[layer][envs, :, slot] = v[:, :, 0].float()
+        filled = torch.clamp(self.length + 1, max=self.context_len)
+        valid = torch.arange(self.context_len, device=k.device)[None, :] < filled[:, None]  # (E, l)
+        return self.k[layer], self.v[layer], valid[:, None, None, :]
+
+    def advance(self):
+        self.length += 1
+
+    def __call__(self, transformer: "Transformer", tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One new token per env: (E, 1, d_token) -> h (E, d_model)."""
+        return transformer(tokens, t, self)[:, 0]
+
+
+class Transformer(nn.Module):
+    """Input Linear + sinusoidal absolute positions + embedding dropout, layers, final LayerNorm."""
+
+    def __init__(self, d_token: int, d_model: int, n_layers: int, n_heads: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.d_model, self.n_heads = d_model, n_heads
+        self.inp = nn.Linear(d_token, d_model)
+        self.emb_dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(TransformerLayer(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        # tokens: (B, L, d_token), t: (B, L) absolute time index -> (B, L, d_model); with a cache, L == 1
+        x = self.emb_dropout(self.inp(tokens) + sinusoidal_embedding(t, self.d_model))
+        for layer in self.layers:
+            x = layer(x, cache)
+        if cache is not None:
+            cache.advance()
+        return self.norm(x)
+
+
+class CriticEnsemble(nn.Module):
+    """C critic MLPs (256, 256) on [h, gamma feature, action], evaluated as one batched computation.
+
+    The first layer is split by input part: the state part h @ W_h is computed once and shared by
+    every gamma and action evaluated at that state, which is where most of an update's time would
+    otherwise go. The maths is that of concatenating the inputs.
+    """
+
+    def __init__(self, d_model: int, action_dim: int, gammas: torch.Tensor, hidden: int, out: int, num_critics: int):
+        super().__init__()
+
+        def param(*shape, fan_in):
+            return nn.Parameter(torch.empty(num_critics, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
+
+        fan1 = d_model + 1 + action_dim
+        self.w_state, self.w_gamma, self.w_action = param(d_model, hidden, fan_in=fan1), param(1, hidden, fan_in=fan1), param(action_dim, hidden, fan_in=fan1)
+        self.b1, self.w2, self.b2 = param(1, hidden, fan_in=fan1), param(hidden, hidden, fan_in=hidden), param(1, hidden, fan_in=hidden)
+        self.w3, self.b3 = param(hidden, out, fan_in=hidden), param(1, out, fan_in=hidden)
+        self.register_buffer("gamma_feature", symlog(1.0 / (1.0 - gammas))[:, None])  # (G, 1): symlog(1 / (1 - gamma))
+
+    def forward(self, h: torch.Tensor, action_feats: torch.Tensor) -> torch.Tensor:
+        # h: (N, d); action_feats: (N, K, G or 1, A), K actions per state -> (N, K, G, C, out)
+        N, K, Ga, _ = action_feats.shape
+        G, C = len(self.gamma_feature), self.w_state.shape[0]
+        state = torch.einsum("nd,cdh->cnh", h, self.w_state)  # (C, N, H): once per state
+        # a plain matmul keeps (C, N, K, Ga, H) contiguous (einsum's permuted output would cost a full copy below)
+        action = torch.matmul(action_feats.reshape(1, -1, action_feats.shape[-1]), self.w_action).view(C, N, K, Ga, -1)
+        gamma = torch.einsum("gi,cih->cgh", self.gamma_feature, self.w_gamma) + self.b1  # (C, G, H), with the bias
+        # the (C, N, K, G, H) pre-activation is the update's largest tensor: one broadcast add, then in place
+        x = action + gamma[:, None, None]
+        x += state[:, :, None, None]
+        x = F.leaky_relu(x, inplace=True).reshape(C, N * K * G, -1)  # (C, N*K*G, H)
+        x = F.leaky_relu(torch.baddbmm(self.b2, x, self.w2), inplace=True)
+        x = torch.baddbmm(self.b3, x, self.w3)  # (C, N*K*G, out)
+        return x.view(C, N, K, G, -1).permute(1, 2, 3, 0, 4)
+
+
+class PopArt(nn.Module):
+    """One global (task-agnostic) PopArt layer per gamma for --critic-loss dep (paper App. B).
+
+    Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed
+    w, b are rescaled so the denormalised output sigma * (w x + b) + mu is unchanged.
+    """
+
+    def __init__(self, num_gammas: int, beta: float):
+        super().__init__()
+        self.beta = beta
+        for name, init in [("mu", 0.0), ("nu", 100.0), ("w", 1.0), ("b", 0.0)]:
+            self.register_buffer(name, torch.full((num_gammas,), init))
+        self.register_buffer("updates", torch.zeros(()))
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return (self.nu - self.mu**2).clamp(min=1e-4).sqrt()
+
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w * x + self.b  # x: (..., G)
+
+    def denormalized(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sigma * self.normalized(x) + self.mu
+
+    @torch.no_grad()
+    def update(self, y: torch.Tensor):
+        """y: (M, G) valid TD targets. Bias-corrected rate beta_t = beta / (1 - (1 - beta)^t)."""
+        self.updates += 1
+        beta_t = self.beta / (1 - (1 - self.beta) ** self.updates)
+        old_mu, old_sigma = self.mu.clone(), self.sigma
+        self.mu.lerp_(y.mean(0), beta_t)
+        self.nu.lerp_(y.pow(2).mean(0), beta_t)
+        self.w.mul_(old_sigma / self.sigma)
+        self.b.copy_((old_sigma * self.b + old_mu - self.mu) / self.sigma)
+
+
+class Agent(nn.Module):
+    """Timestep encoder -> Transformer -> h_t; actor and critic heads on h_t; EMA copies of the heads only."""
+
+    def __init__(self, obs_space: gym.spaces.Dict, action_dim: int, args: Args):
+        super().__init__()
+        self.action_dim, self.obs_keys = action_dim, list(obs_space.keys())
+        self.register_buffer("gammas", torch.tensor(args.gammas))
+        self.rollout_gamma = args.gammas.index(args.rollout_gamma)
+        self.register_buffer("bins", bin_supports(args.num_bins))
+        self.encoder = make_encoder(obs_space, action_dim, args)
+        self.transformer = Transformer(args.d_token, args.d_model, args.n_layers, args.n_heads, args.d_ff, args.dropout)
+        self.actor = Actor(args.d_model, action_dim, len(args.gammas), args.head_hidden)
+        out = args.num_bins if args.critic_loss == "ind" else 1
+        self.critics = CriticEnsemble(args.d_model, action_dim, self.gammas, args.head_hidden, out, args.num_critics)
+        self.popart = PopArt(len(args.gammas), args.popart_beta)
+        # CRUCIAL: no target encoder or Transformer; only the heads have EMA copies
+        self.target_actor, self.target_critics = copy.deepcopy(self.actor), copy.deepcopy(self.critics)
+        for p in [*self.target_actor.parameters(), *self.target_critics.parameters()]:
+            p.requires_grad_(False)
+
+    def states(self, batch: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h for every timestep of a batch of windows: (B, L) -> (B, L, d_model)."""
+        obs = {k: batch[k] for k in self.obs_keys}
+        tokens = self.encoder(obs, batch["prev_action"], batch["prev_reward"], batch["reset"], mask)
+        return self.transformer(tokens, batch["time"])
+
+    def scalar_q(self, out: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C): two-hot expectation, or PopArt (normalised or not)."""
+        out = out.float()
+        if out.shape[-1] > 1:
+            return bins_to_scalar(out.softmax(-1), self.bins)
+        x = out[..., 0].transpose(-1, -2)  # (..., C, G): PopArt is per gamma
+        return (self.popart.normalized(x) if normalized else self.popart.denormalized(x)).transpose(-1, -2)
+
+    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
+        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), normalized)
+
+    @torch.no_grad()
+    def ema_update(self, tau: float):
+        for online, target in [(self.actor, self.target_actor), (self.critics, self.target_critics)]:
+            for p, tp in zip(online.parameters(), target.parameters()):
+                tp.lerp_(p, tau)
+
+
+# ---- losses (paper Section 3; SPEC 3-4) ----
+def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
+    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), a' ~ target actor, Qbar = mean of 2
+    target critics drawn at random per sample. h_next: (N, d), reward / done: (N,) -> y: (N, G)."""
+    with torch.no_grad():
+        a_next = agent.target_actor(h_next).sample()  # (N, G): each gamma's own policy
+        q = agent.q_values(agent.target_critics, h_next, a_next[:, None])[:, 0]  # (N, G, C), denormalised
+        pick = torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device)
+        q_bar = q.gather(-1, pick).mean(-1)  # (N, G)
+        return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
+
+
+def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: cross-entropy to twohot(symlog(y)), the same label for every critic. out: (N, G, C, B) -> (N, G, C)."""
+    label = twohot(symlog(y), agent.bins)[:, :, None]  # (N, G, 1, B)
+    return -(label * out.float().log_softmax(-1)).sum(-1)
+
+
+def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 with PopArt: update the statistics from the valid targets, then (w x + b - (y - mu) / sigma)^2."""
+    agent.popart.update(y[valid])
+    target = (y - agent.popart.mu) / agent.popart.sigma  # (N, G)
+    pred = agent.popart.normalized(out[..., 0].float().transpose(1, 2))  # (N, C, G)
+    return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
+
+
+def crr_filter(agent: Agent, h: torch.Tensor, dist, q_buffer: torch.Tensor, args: Args) -> torch.Tensor:
+    """Eq. 4's binary weight 1{A > threshold}, A = mean_c Q_c(h, a_buffer) - mean over policy samples of mean_c Q_c(h, a_k).
+    Online critics, no grad. h: (N, d), q_buffer: (N, G, C) -> (N, G)."""
+    with torch.no_grad():
+        samples = dist.sample((args.crr_samples,)).transpose(0, 1)  # (N, K, G)
+        baseline = agent.q_values(agent.critics, h.detach(), samples).mean(-1).mean(1)  # (N, G)
+        return (q_buffer.mean(-1) - baseline > args.crr_threshold).float()
+
+
+def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
+    """Both losses on a batch of windows of l+1 timesteps: transition t uses h_t, h_{t+1} and the data of row t+1."""
+    valid = batch["mask"][:, 1:]  # (B, l): transition t is real iff timestep t+1 is real
+    h = agent.states(batch, batch["mask"])  # (B, l+1, d)
+    N = valid.numel()
+    h_t, h_next = h[:, :-1].reshape(N, -1), h[:, 1:].detach().reshape(N, -1)
+    action = batch["prev_action"][:, 1:]  # a_t is the previous action of timestep t+1
+    # padding past a rollout's end may hold the next rollout's NO_ACTION: any real action keeps the maths finite
+    action = torch.where(valid.view(*valid.shape, *[1] * (action.dim() - 2)), action, torch.zeros_like(action))
+    action = action.reshape(N, 1, 1, *action.shape[2:])
+    # CRUCIAL: done is 1 only where the whole meta-rollout terminated, never at inner episode ends
+    y = td_target(agent, h_next, batch["reward"][:, 1:].reshape(N).float(), batch["terminal"][:, 1:].reshape(N).float(), args)
+    out = agent.critics(h_t, action_features(action, agent.action_dim))[:, 0]  # (N, G, C, out)
+    valid = valid.reshape(N)
+    if args.critic_loss == "ind":
+        critic = critic_loss_ind(agent, out, y)
+    else:
+        critic = critic_loss_dep(agent, out, y, valid)
+
+    dist = agent.actor(h_t)  # G distributions over (N,)
+    if args.actor_loss == "ind":
+        keep = crr_filter(agent, h_t, dist, agent.scalar_q(out.detach()), args)  # (N, G)
+        a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
+        actor = -keep * dist.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
+    else:
+        actor = dpg_actor_loss(agent, h_t, dist, args.critic_loss)
+
+    def masked_mean(x):  # mean over valid transitions (filtered CRR steps stay in the denominator)
+        return (x.reshape(N, -1).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
+
+    actor_loss, critic_loss = masked_mean(actor), masked_mean(critic)
+    metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss, "losses/td_target_mean": masked_mean(y)}
+    if args.actor_loss == "ind":
+        metrics["losses/crr_kept_fraction"] = masked_mean(keep)
+    return actor_loss + args.critic_weight * critic_loss, metrics
+
+
+# ---- rollouts ----
+class TokenHistory:
+    """--no-kv-cache: keep each env's last context_len tokens and re-run the whole Transformer every step."""
+
+    def __init__(self, num_envs: int, context_len: int, d_token: int, device):
+        self.tokens = torch.zeros(num_envs, context_len, d_token, device=device)
+        self.t = torch.zeros(num_envs, context_len, dtype=torch.long, device=device)
+        self.length = torch.zeros(num_envs, dtype=torch.long, device=device)
+
+    def reset(self, envs: torch.Tensor):
+        self.length[envs] = 0
+
+    def __call__(self, transformer: Transformer, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        full = self.length >= self.tokens.shape[1]  # sliding window: drop the oldest token
+        self.tokens[full], self.t[full] = self.tokens[full].roll(-1, 1), self.t[full].roll(-1, 1)
+        pos = self.length.clamp(max=self.tokens.shape[1] - 1)
+        envs = torch.arange(len(pos), device=pos.device)
+        self.tokens[envs, pos], self.t[envs, pos] = tokens[:, 0], t[:, 0]
+        self.length += 1
+        n = int(pos.max()) + 1  # causal: the zeros after an env's own tokens do not change its output
+        return transformer(self.tokens[:, :n], self.t[:, :n])[envs, pos]
+
+
+class MetaRollouts:
+    """A vector env plus what each token needs beyond the observation: the previous action and reward, the
+    reset bit d (1 at the first step of every inner episode), the absolute time index and the rollout id.
+    With a buffer, every timestep (the final one of each rollout included) is written to it."""
+
+    def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
+        self.envs, self.buffer, self.device = envs, buffer, device
+        E, space = envs.num_envs, envs.single_action_space
+        self.context = (KVCache(agent.transformer, E, args.context_len, device) if args.kv_cache
+                        else TokenHistory(E, args.context_len, args.d_token, device))
+        self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
+        self.cur.update(prev_action=np.zeros((E, *space.shape), space.dtype), prev_reward=np.zeros(E, np.float32),
+                        reset=np.zeros(E, np.float32), time=np.zeros(E, np.int64), rollout_id=np.zeros(E, np.int64))
+
+    def restart(self, seed: int):
+        """Start a new meta-rollout in every env."""
+        obs, _ = self.envs.reset(seed=[seed + i for i in range(self.envs.num_envs)])
+        self._begin(np.arange(self.envs.num_envs), obs)
+
+    def _begin(self, idx: np.ndarray, obs: dict):
+        for k in obs:
+            self.cur[k][idx] = obs[k][idx]
+        self.cur["prev_action"][idx], self.cur["prev_reward"][idx], self.cur["time"][idx] = NO_ACTION, 0.0, 0
+        self.cur["reset"][idx] = 1.0  # the first step of a meta-rollout is the first step of an episode
+        self.cur["rollout_id"][idx] = self.buffer.new_rollout_ids(len(idx)) if self.buffer else 0
+        self.context.reset(torch.as_tensor(idx, device=self.device))
+        self._record(idx, np.zeros(len(idx), np.float32), np.zeros(len(idx), bool))
+
+    def _record(self, idx: np.ndarray, reward: np.ndarray, terminal: np.ndarray):
+        if self.buffer is not None:
+            row = {k: v[idx] for k, v in self.cur.items()}
+            self.buffer.add({**row, "reward": reward, "terminal": terminal}, idx)
+
+    @torch.no_grad()
+    def act(self, agent: Agent) -> np.ndarray:
+        """Sample from the rollout gamma's actor head given each env's current token and its context."""
+        x = {k: torch.as_tensor(v, device=self.device)[:, None] for k, v in self.cur.items()}
+        tokens = agent.encoder({k: x[k] for k in agent.obs_keys}, x["prev_action"], x["prev_reward"], x["reset"])
+        h = self.context(agent.transformer, tokens, x["time"])
+        return agent.actor(h).sample()[:, agent.rollout_gamma].cpu().numpy()
+
+    def step(self, actions: np.ndarray) -> tuple[list, np.ndarray]:
+        """Returns (env index, task, metrics) for each meta-rollout that ended, and the (E,) done mask."""
+        obs, reward, terminated, truncated, info = self.envs.step(actions)
+        every = np.arange(self.envs.num_envs)
+        for k in obs:
+            self.cur[k] = obs[k]
+        self.cur["prev_action"] = np.asarray(actions, self.cur["prev_action"].dtype)
+        self.cur["prev_reward"] = info["policy_reward"].astype(np.float32)  # the reward the policy sees as input
+        self.cur["reset"] = info["new_episode"].astype(np.float32)  # an inner episode restarted: d = 1, memory kept
+        self.cur["time"] = self.cur["time"] + 1
+        self._record(every, reward.astype(np.float32), terminated)
+        done = terminated | truncated
+        finished = []
+        if done.any():
+            idx = np.flatnonzero(done)
+            metrics = {k: v for k, v in info["metrics"].items() if not k.startswith("_")}
+            finished = [(i, str(info["task"][i]), {k: float(v[i]) for k, v in metrics.items()}) for i in idx]
+            new_obs, _ = self.envs.reset(options={"reset_mask": done})
+            self._begin(idx, new_obs)
+        return finished, done
+
+
+def evaluate(agent: Agent, rollouts: MetaRollouts, episodes: int, seed: int) -> dict[str, dict[str, float]]:
+    """Run every eval env for `episodes` meta-rollouts with no epsilon (actions still sampled): mean metrics per task."""
+    agent.eval()
+    results, counts = {}, np.zeros(rollouts.envs.num_envs, dtype=int)
+    rollouts.restart(seed)
+    while (counts < episodes).any():
+        finished, done = rollouts.step(rollouts.act(agent))
+        for i, task, metrics in finished:
+            if counts[i] < episodes:
+                results.setdefault(task, []).append(metrics)
+        counts += done
+    return {task: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for task, ms in sorted(results.items())}
+
+
+def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
+    """Autoreset is off: a finished env is reset explicitly so that the final timestep is kept for the buffer."""
+    cls = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
+    return cls(thunks, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+
+
+def epsilon(args: Args, global_step: int) -> float:
+    """Linear anneal from eps_start to eps_end over eps_anneal_steps steps per env."""
+    frac = min(1.0, global_step / args.num_envs / args.eps_anneal_steps)
+    return args.eps_start + frac * (args.eps_end - args.eps_start)
+
+
+# ---- checkpoints: a run killed at any moment resumes from its last good checkpoint ----
+def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, counters: dict, rng, args: Args):
+    """Buffer snapshot first, then state.pt by atomic rename (the commit point), then older snapshots are removed."""
+    folder = os.path.join(run_dir, "checkpoint")
+    snapshot = f"buffer-{counters['global_step']}"
+    ReplayBuffer.remove(os.path.join(folder, snapshot + ".tmp"))
+    buffer.save(os.path.join(folder, snapshot + ".tmp"))
+    ReplayBuffer.remove(os.path.join(folder, snapshot))
+    os.rename(os.path.join(folder, snapshot + ".tmp"), os.path.join(folder, snapshot))
+    state = {
+        "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "counters": counters, "buffer": snapshot, "args": asdict(args),
+        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+    }
+    torch.save(state, os.path.join(folder, "state.pt.tmp"))
+    os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
+    for old in os.listdir(folder):
+        if old.startswith("buffer-") and old != snapshot:
+            ReplayBuffer.remove(os.path.join(folder, old))
+
+
+def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, rng) -> dict:
+    folder = os.path.join(run_dir, "checkpoint")
+    state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+    agent.load_state_dict(state["agent"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    buffer.load(os.path.join(folder, state["buffer"]))
+    random.setstate(state["rng"]["python"])
+    rng.bit_generator.state = state["rng"]["numpy"]
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["counters"]
+
+
+def fail(message: str):
+    """Bad input: a clear message and exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def resolve_args(args: Args) -> Args:
+    """Resume: take the saved run's flags (a larger --total-timesteps is kept); then check every flag."""
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint", "state.pt")
+        if not os.path.exists(path):
+            fail(f"--resume {args.resume}: no checkpoint at {path} (was the run started with --save-model?)")
+        saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
+        total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved["total_timesteps"]
+        args = Args(**{**saved, "resume": args.resume, "total_timesteps": total})
+    if args.context_len <= 0:
+        fail(f"--context-len must be positive, got {args.context_len}")
+    for name in ["batch_size", "num_envs", "steps_per_epoch", "total_timesteps", "d_model", "n_layers", "num_critics"]:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.d_model % args.n_heads:
+        fail(f"--d-model {args.d_model} must be divisible by --n-heads {args.n_heads}")
+    if args.rollout_gamma not in args.gammas:
+        fail(f"--rollout-gamma {args.rollout_gamma} must be one of --gammas {args.gammas}")
+    if args.critic_loss == "ind" and args.num_bins < 2:
+        fail(f"--num-bins must be at least 2, got {args.num_bins}")
+    window = args.context_len + 1
+    if args.buffer_size // args.num_envs < window or args.buffer_size < args.batch_size * window:
+        fail(
+            f"--buffer-size {args.buffer_size} cannot serve batches of {args.batch_size} windows of {window} timesteps "
+            f"with {args.num_envs} envs: it needs at least {max(args.batch_size, args.num_envs) * window} timesteps; "
+            "raise --buffer-size or lower --batch-size / --context-len"
+        )
+    if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
+        fail(f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
+    check_env_args(args)
+    if not args.run_name:
+        args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    return args
+
+
+if __name__ == "__main__":
+    args = resolve_args(tyro.cli(Args))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but torch sees no GPU; use --device auto or cpu")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    rng = np.random.default_rng(args.seed)
+    run_dir = f"runs/{args.run_name}"
+
+    envs = make_vector_env([make_env(args, i, train=True) for i in range(args.num_envs)], args.async_envs)
+    eval_envs = make_vector_env(make_eval_envs(args), args.async_envs)
+    obs_space, action_space = envs.single_observation_space, envs.single_action_space
+    action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
+    agent = Agent(obs_space, action_dim, args).to(device)
+    optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
+    fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
+    fields.update(prev_action=(action_space.shape, action_space.dtype), prev_reward=((), np.float32), reset=((), np.float32),
+                  reward=((), np.float32), terminal=((), bool))
+    try:
+        buffer = ReplayBuffer(fields, args.buffer_size, args.num_envs, args.buffer_dir)
+    except MemoryError as e:
+        fail(str(e))
+    print(buffer.footprint())
+    counters = {"global_step": 0, "updates": 0, "next_eval": args.eval_every, "next_checkpoint": args.checkpoint_every}
+    if args.resume:
+        counters = load_checkpoint(run_dir, agent, optimizer, scheduler, buffer, rng)
+        print(f"resumed {run_dir} at step {counters['global_step']:,} after {counters['updates']:,} updates")
+    writer = SummaryWriter(run_dir, purge_step=counters["global_step"] or None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    n_params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
+    print(f"{args.run_name}: {n_params:,} parameters on {device}, actor {args.actor_loss} / critic {args.critic_loss}")
+
+    rollouts = MetaRollouts(envs, agent, args, device, buffer)
+    eval_rollouts = MetaRollouts(eval_envs, agent, args, device)
+    # environments cannot be checkpointed: a resumed run starts new meta-rollouts, seeded by the step count
+    rollouts.restart(args.seed + counters["global_step"])
+    eps_mult = rng.random(args.num_envs)  # each env scales epsilon by a fresh U[0, 1) draw per meta-rollout
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    start_time, start_step, last_log, recent = time.time(), counters["global_step"], 0.0, []
+
+    def log_progress(force=False):
+        global last_log
+        if not force and time.time() - last_log < args.log_every:
+            return
+        last_log = time.time()
+        done_steps = counters["global_step"] - start_step
+        sps = done_steps / max(time.time() - start_time, 1e-9)
+        eta = (args.total_timesteps - counters["global_step"]) / max(sps, 1e-9)
+        ret = f"{np.mean(recent):.3f}" if recent else "n/a"
+        print(f"step {counters['global_step']:,}/{args.total_timesteps:,} | {sps:,.0f} SPS | {counters['updates']:,} updates "
+              f"| return {ret} | ETA {eta / 3600:.1f} h", flush=True)
+        writer.add_scalar("charts/SPS", sps, counters["global_step"])
+
+    while counters["global_step"] < args.total_timesteps:
+        # ---- collect: steps_per_epoch steps in every env ----
+        agent.eval()
+        inflow = dict.fromkeys(args.games, 0.0)  # steps per game of the meta-rollouts that finished this epoch
+        for _ in range(args.steps_per_epoch):
+            actions = rollouts.act(agent)
+            actions = explore(actions, epsilon(args, counters["global_step"]) * eps_mult, action_space, rng)
+            finished, done = rollouts.step(actions)
+            counters["global_step"] += args.num_envs
+            for i, task, metrics in finished:
+                for k, v in metrics.items():
+                    writer.add_scalar(f"tasks/{task}/{k}", v, counters["global_step"])
+                writer.add_scalar("charts/return", metrics["return"], counters["global_step"])
+                recent = (recent + [metrics["return"]])[-100:]
+                inflow[task] += metrics["steps"]
+            if done.any():
+                eps_mult[done] = rng.random(int(done.sum()))
+            log_progress()
+            if counters["global_step"] >= args.total_timesteps:
+                break
+        writer.add_scalar("charts/epsilon", epsilon(args, counters["global_step"]), counters["global_step"])
+        if sum(inflow.values()):  # each game's share of the experience entering the buffer (paper Fig. 15)
+            for game, steps in inflow.items():
+                writer.add_scalar(f"charts/experience_share/{game}", steps / sum(inflow.values()), counters["global_step"])
+
+        # ---- update: updates_per_epoch gradient steps on windows of l+1 timesteps ----
+        agent.train()
+        update_start = time.time()
+        for _ in range(args.updates_per_epoch):
+            batch = buffer.sample(args.batch_size, args.context_len + 1, rng)
+            batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+            batch["image"] = random_shift(batch["image"], fraction=args.augment_fraction)  # DrQ-v2: training batches only
+            with autocast:
+                loss, metrics = compute_losses(agent, batch, args)
+            if not torch.isfinite(loss):
+                fail(f"non-finite loss ({loss.item()}) at update {counters['updates']}: "
+                     + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
+                     + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            agent.ema_update(args.tau)
+            counters["updates"] += 1
+        if args.updates_per_epoch:
+            step = counters["global_step"]
+            for k, v in metrics.items():
+                writer.add_scalar(k, v.item(), step)
+            writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
+            writer.add_scalar("charts/updates_per_second", args.updates_per_epoch / (time.time() - update_start), step)
+            writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+            log_progress()
+
+        # ---- evaluate and checkpoint at epoch boundaries ----
+        final = counters["global_step"] >= args.total_timesteps
+        if (args.eval_every and counters["global_step"] >= counters["next_eval"]) or final:
+            per_task = evaluate(agent, eval_rollouts, args.eval_episodes, seed=10**6 + counters["global_step"])
+            for task, metrics in per_task.items():
+                for k, v in metrics.items():
+                    writer.add_scalar(f"eval/{task}/{k}", v, counters["global_step"])
+            summary = summarize_eval(per_task)
+            for k, v in summary.items():
+                writer.add_scalar(f"eval/{k}", v, counters["global_step"])
+            print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()), flush=True)
+            while counters["next_eval"] <= counters["global_step"]:
+                counters["next_eval"] += args.eval_every or args.total_timesteps
+        if args.save_model and (counters["global_step"] >= counters["next_checkpoint"] or final):
+            while counters["next_checkpoint"] <= counters["global_step"]:
+                counters["next_checkpoint"] += args.checkpoint_every
+            save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, counters, rng, args)
+            print(f"checkpoint: {run_dir}/checkpoint at step {counters['global_step']:,}", flush=True)
+
+    log_progress(force=True)
+    print(f"done: {counters['global_step']:,} steps, {counters['updates']:,} updates in {(time.time() - start_time) / 60:.1f} min; "
+          f"TensorBoard: tensorboard --logdir runs")
+    envs.close()
+    eval_envs.close()
+    writer.close()

@@ -94,7 +94,7 @@ def test_attempt_two_replays_the_same_level_with_the_box(make):
     assert env2.env.observe()[1]["rgb"][0][:B, :B].any()  # drawn into a copy: procgen's own frame is untouched
     m = infos[-1]["metrics"]
     assert infos[-1]["task"] == "leaper" and m["steps"] == 2 * n1
-    assert m["return_1"] == m["return_2"] == sum(rewards[:n1])
+    assert m["return_1"] == m["return_2"] == sum(rewards[:n1]) and m["return"] == sum(rewards)
     assert m["norm_1"] == pytest.approx((m["return_1"] - 3) / (10 - 3))  # leaper easy range (3, 10)
     assert all("metrics" not in i and "task" not in i for i in infos[:-1])
     # procgen moved the kept env on to a fresh level: the next meta-rollout starts there without rebuilding it
@@ -124,8 +124,8 @@ def test_cap_in_attempt_one_truncates_and_counts_attempt_two_as_zero(make, mode,
     assert len(infos) == 37 and truncs == [False] * 36 + [True] and not any(terms)
     assert not any(i["new_episode"] for i in infos)
     m = infos[-1]["metrics"]
-    assert m == {"return_1": 0.0, "return_2": 0.0, "norm_1": pytest.approx(norm), "norm_2": pytest.approx(norm),
-                 "steps": 37.0}
+    assert m == {"return": 0.0, "return_1": 0.0, "return_2": 0.0, "norm_1": pytest.approx(norm),
+                 "norm_2": pytest.approx(norm), "steps": 37.0}
 
 
 def test_cap_in_attempt_two_and_next_rollout_starts_a_fresh_level(make):
@@ -218,7 +218,8 @@ def test_constructor_errors():
 
 
 def test_make_env():
-    args = SimpleNamespace(seed=1, mode="easy", games=[], reward_scales="coinrun=100,climber=0.1", num_train_levels=500)
+    args = SimpleNamespace(seed=1, mode="easy", games=[], reward_scales="coinrun=100,climber=0.1", num_train_levels=500,
+                           horizon=None)
     train = ap.make_env(args, 0, train=True)()
     assert train.games == ap.MODES["easy"][0] and train.horizon == 2500
     assert train.reward_scales == {"coinrun": 100.0, "climber": 0.1} and train.level_range == (0, 500)
@@ -228,9 +229,12 @@ def test_make_env():
         evaluation.reset(seed=0)
         assert evaluation.game == "ninja"
     args = SimpleNamespace(seed=1, mode="memory-hard", games=["maze", "heist"], reward_scales="maze=2",
-                           num_train_levels=2000)
+                           num_train_levels=2000, horizon=None)
     env = ap.make_env(args, 3, train=True)()
     assert env.games == ["maze", "heist"] and env.horizon == 5000 and env.reward_scales == {"maze": 2.0}
+    env.close()
+    with ap.make_env(SimpleNamespace(**{**vars(args), "horizon": 9}), 0, train=True)() as capped:
+        assert capped.horizon == 9
     with pytest.raises(ValueError):  # a bad flag fails when the env factory is made, not inside a worker
         ap.make_env(SimpleNamespace(**{**vars(args), "reward_scales": "maze=x"}), 0, train=True)
 

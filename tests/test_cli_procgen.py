@@ -1,0 +1,98 @@
+"""amago2_procgen.py from the command line: every loss combination, memory-hard, rescaled rewards, save + resume,
+bad flags; and the per-mode defaults of its flags."""
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import amago2_procgen as A
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --horizon 30 caps every meta-rollout, so each env finishes some while training and the final evaluation is short
+TINY = ["--num-envs", "2", "--steps-per-epoch", "20", "--updates-per-epoch", "2", "--context-len", "8",
+        "--batch-size", "2", "--d-model", "32", "--d-ff", "64", "--n-layers", "1", "--n-heads", "2", "--d-token", "24",
+        "--num-bins", "16", "--head-hidden", "32", "--buffer-size", "1000", "--horizon", "30", "--eval-episodes", "1",
+        "--eval-every", "0", "--total-timesteps", "80"]  # two epochs of 2 envs x 20 steps, 2 updates each
+EASY = ["--games", "coinrun", "leaper", "--impala-channels", "4", "4", "4"]  # tiny CNN: most of a step's time otherwise
+
+
+def run(args, cwd):
+    # one torch thread: on a few shared cores, torch's default threads spin against each other and run ~10x slower
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "amago2_procgen.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def events(run_dir) -> bytes:
+    return b"".join(open(run_dir / f, "rb").read() for f in os.listdir(run_dir) if f.startswith("events"))
+
+
+# the last combination also covers full recompute instead of the KV cache and all-shifted frames
+@pytest.mark.parametrize("actor_loss,critic_loss,extra", [
+    ("ind", "ind", []), ("ind", "dep", []), ("dep", "ind", []), ("dep", "dep", ["--no-kv-cache", "--augment-fraction", "1.0"]),
+])
+def test_loss_combinations_run(actor_loss, critic_loss, extra, tmp_path):
+    out = run([*TINY, *EASY, "--actor-loss", actor_loss, "--critic-loss", critic_loss, *extra], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "done: 80 steps, 4 updates" in out.stdout
+    assert "eval: norm_1_mean" in out.stdout and "norm_2_mean" in out.stdout
+
+
+def test_rescaled_rewards_run(tmp_path):
+    out = run([*TINY, *EASY, "--reward-scales", "coinrun=100", "--run-name", "s"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "done: 80 steps, 4 updates" in out.stdout
+    # the per-game scalars and each game's share of the incoming experience (paper Fig. 15) reach TensorBoard
+    logged = events(tmp_path / "runs" / "s")
+    assert b"charts/experience_share/coinrun" in logged and b"eval/leaper/norm_2" in logged
+
+
+def test_memory_hard_save_then_resume_continues(tmp_path):
+    # memory-hard with its paper CNN (20, 36, 64); the resumed run gets no --mode and must keep the saved one
+    out = run([*TINY, "--mode", "memory-hard", "--games", "maze", "heist", "--save-model", "--run-name", "r"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    ckpt = tmp_path / "runs" / "r" / "checkpoint"
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    assert state["counters"]["global_step"] == 80 and state["counters"]["updates"] == 4
+    assert state["args"]["impala_channels"] == [20, 36, 64] and state["agent"]["encoder.cnn.2.conv.weight"].shape[0] == 64
+    assert np.load(ckpt / state["buffer"] / "image.npy", mmap_mode="r").dtype == np.uint8
+    out = run(["--resume", "runs/r", "--total-timesteps", "160"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "resumed runs/r at step 80 after 4 updates" in out.stdout
+    assert "done: 160 steps, 8 updates" in out.stdout
+    state2 = torch.load(ckpt / "state.pt", weights_only=False)
+    assert state2["counters"]["global_step"] == 160
+    assert state2["args"]["mode"] == "memory-hard" and state2["args"]["games"] == ["maze", "heist"]
+
+
+def test_mode_defaults_and_overrides():
+    easy, hard = A.Args(), A.Args(mode="memory-hard")
+    assert (easy.batch_size, easy.buffer_size, easy.context_len, easy.n_layers) == (24, 18_000_000, 128, 3)
+    assert (easy.impala_channels, easy.horizon, easy.games) == ([16, 32, 32], 2500, ["climber", "coinrun", "jumper", "ninja", "leaper"])
+    assert (hard.batch_size, hard.buffer_size, hard.context_len, hard.n_layers) == (16, 80_000_000, 768, 6)
+    assert (hard.impala_channels, hard.horizon, len(hard.games)) == ([20, 36, 64], 5000, 16)
+    assert easy.d_model == hard.d_model == 512 and easy.num_bins == 128 and easy.reward_multiplier == 10.0
+    mine = A.Args(mode="memory-hard", batch_size=3, context_len=0, games=["maze"], impala_channels=[8, 8])
+    assert (mine.batch_size, mine.context_len, mine.games, mine.impala_channels, mine.n_layers) == (3, 0, ["maze"], [8, 8], 6)
+    hard.impala_channels.append(4)  # the defaults are copies, not the shared table
+    assert A.Args(mode="memory-hard").impala_channels == [20, 36, 64]
+    space = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)})
+    encoder = A.make_encoder(space, 15, A.Args(mode="memory-hard"))
+    assert [block.conv.out_channels for block in encoder.cnn[:-1]] == [20, 36, 64]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--games", "coinrun", "pong"], "unknown Procgen game"),
+    (["--reward-scales", "coinrun:100"], "is not GAME=FACTOR"),
+    (["--reward-scales", "maze=2"], "names game(s) not played"),
+    (["--context-len", "0"], "--context-len must be positive"),
+    (["--impala-channels", "4", "6", "4"], "--impala-channels must be positive multiples of 4"),
+])
+def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):
+    out = run([*TINY, *EASY, *flags], tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
