@@ -262,3 +262,13 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path):
     loaded = A.load_checkpoint(str(tmp_path), agent, opt, sched, buffer, rng)
     assert loaded["global_step"] == 10
     assert all(torch.equal(agent.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_chunked_no_grad_critic_equals_one_pass():
+    torch.manual_seed(0)
+    ens = A.CriticEnsemble(6, 3, torch.tensor([0.9, 0.99, 0.999]), 8, 5, 2)
+    h, a = torch.randn(50, 6), A.action_features(torch.randint(0, 3, (50, 2, 3)), 3)
+    whole = ens(h, a)  # grad enabled: one pass
+    with torch.no_grad():
+        chunked = ens(h, a, chunk_rows=12)  # 2 states per chunk
+    assert torch.allclose(whole, chunked, atol=1e-6)
