@@ -1,13 +1,11 @@
 """amago2_atari.py from the command line: every loss combination, save + resume, a disk-backed buffer, bad flags."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Breakout and Qbert: the shortest random-play games (about 200 and 300 steps), so the final evaluation is quick.
 TINY = ["--games", "Breakout", "Qbert", "--num-envs", "2", "--steps-per-epoch", "20", "--updates-per-epoch", "2",
         "--context-len", "8", "--batch-size", "2", "--d-model", "32", "--d-ff", "64", "--n-layers", "1", "--n-heads", "2",
@@ -16,10 +14,7 @@ TINY = ["--games", "Breakout", "Qbert", "--num-envs", "2", "--steps-per-epoch", 
 
 
 def run(args, cwd):
-    # one torch thread: on a few shared cores, torch's default threads spin against each other and run ~10x slower
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "amago2_atari.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("amago2_atari.py", args, cwd)
 
 
 # the last combination also covers sync envs, full recompute instead of the KV cache, clipped rewards and all-shifted frames

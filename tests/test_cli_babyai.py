@@ -1,13 +1,10 @@
 """amago2_babyai.py from the command line: every loss combination, async envs, save + resume, bad flags."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from cli import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--num-envs", "2", "--steps-per-epoch", "40", "--updates-per-epoch", "2", "--context-len", "12",
         "--batch-size", "3", "--d-model", "32", "--d-ff", "64", "--n-layers", "1", "--n-heads", "2", "--d-token", "24",
         "--num-bins", "16", "--head-hidden", "32", "--buffer-size", "1000", "--eval-episodes", "1", "--eval-every", "0",
@@ -16,10 +13,7 @@ TINY = ["--num-envs", "2", "--steps-per-epoch", "40", "--updates-per-epoch", "2"
 
 
 def run(args, cwd):
-    # one torch thread: tiny ops on busy shared cores are many times slower with two threads fighting for them
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "amago2_babyai.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("amago2_babyai.py", args, cwd)
 
 
 @pytest.mark.parametrize("actor_loss,critic_loss", [("ind", "ind"), ("ind", "dep"), ("dep", "ind"), ("dep", "dep")])

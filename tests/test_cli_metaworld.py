@@ -1,13 +1,10 @@
 """amago2_metaworld.py from the command line (ML1, short inner episodes): every loss combination, async envs,
 save + resume, bad flags."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # meta-rollouts of 3 x 10 steps; two epochs of 2 envs x 30 steps, 2 updates each
 TINY = ["--benchmark", "ML1", "--ml1-task", "reach-v3", "--episode-length", "10", "--num-envs", "2",
         "--steps-per-epoch", "30", "--updates-per-epoch", "2", "--context-len", "12", "--batch-size", "3",
@@ -16,10 +13,7 @@ TINY = ["--benchmark", "ML1", "--ml1-task", "reach-v3", "--episode-length", "10"
 
 
 def run(args, cwd):
-    # one thread: tiny matmuls on a busy shared CPU are many times slower with torch's default thread pool
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "amago2_metaworld.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("amago2_metaworld.py", args, cwd)
 
 
 @pytest.mark.parametrize("actor_loss,critic_loss", [("ind", "ind"), ("ind", "dep"), ("dep", "ind"), ("dep", "dep")])

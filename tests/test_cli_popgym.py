@@ -1,13 +1,11 @@
 """amago2_popgym.py from the command line: every loss combination, save + resume, bad flags."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--tasks", "RepeatPreviousEasy", "MineSweeperEasy", "--num-envs", "2", "--steps-per-epoch", "40",
         "--updates-per-epoch", "2", "--context-len", "12", "--batch-size", "3", "--d-model", "32", "--d-ff", "64",
         "--n-layers", "1", "--n-heads", "2", "--d-token", "24", "--num-bins", "16", "--head-hidden", "32",
@@ -15,9 +13,7 @@ TINY = ["--tasks", "RepeatPreviousEasy", "MineSweeperEasy", "--num-envs", "2", "
 
 
 def run(args, cwd):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")  # tiny models run faster on one thread
-    return subprocess.run([sys.executable, os.path.join(ROOT, "amago2_popgym.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("amago2_popgym.py", args, cwd)
 
 
 @pytest.mark.parametrize("actor_loss,critic_loss", [("ind", "ind"), ("ind", "dep"), ("dep", "ind"), ("dep", "dep")])

@@ -1,8 +1,6 @@
 """amago2_procgen.py from the command line: every loss combination, memory-hard, rescaled rewards, save + resume,
 bad flags; and the per-mode defaults of its flags."""
 import os
-import subprocess
-import sys
 
 import gymnasium as gym
 import numpy as np
@@ -10,8 +8,8 @@ import pytest
 import torch
 
 import amago2_procgen as A
+from cli import run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --horizon 30 caps every meta-rollout, so each env finishes some while training and the final evaluation is short
 TINY = ["--num-envs", "2", "--steps-per-epoch", "20", "--updates-per-epoch", "2", "--context-len", "8",
         "--batch-size", "2", "--d-model", "32", "--d-ff", "64", "--n-layers", "1", "--n-heads", "2", "--d-token", "24",
@@ -21,10 +19,7 @@ EASY = ["--games", "coinrun", "leaper", "--impala-channels", "4", "4", "4"]  # t
 
 
 def run(args, cwd):
-    # one torch thread: on a few shared cores, torch's default threads spin against each other and run ~10x slower
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "amago2_procgen.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_script("amago2_procgen.py", args, cwd)
 
 
 def events(run_dir) -> bytes:

@@ -105,7 +105,6 @@ def test_single_rollout_longer_than_ring():
 
 
 def test_buffer_save_load_round_trip(tmp_path):
-    rng = np.random.default_rng(3)
     buffer = ReplayBuffer(FIELDS, capacity=200, num_envs=2)
     fill(buffer, [[10, 20], [7, 7, 7]])
     buffer.save(str(tmp_path / "snap"))

@@ -2,7 +2,6 @@
 import copy
 import os
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -43,7 +42,6 @@ def test_invalid_action_is_replaced_and_flagged():
 def test_one_shot_protocol():
     env = A.POPGymMetaEnv(["RepeatFirstEasy"], one_shot=True)
     obs, _ = env.reset(seed=3)
-    first_card = obs["obs"][:4].copy()
     step, episode_one_rewards, boundary = 0, [], None
     while True:
         obs, reward, terminated, truncated, info = env.step(0)
