@@ -972,6 +972,7 @@ if __name__ == "__main__":
             scheduler.step()
             agent.ema_update(args.tau)
             counters["updates"] += 1
+            log_progress()  # long update phases (CPU, paper sizes) keep reporting
         if args.updates_per_epoch:
             step = counters["global_step"]
             for k, v in metrics.items():
