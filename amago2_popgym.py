@@ -246,7 +246,7 @@ class POPGymMetaEnv(gym.Env):
         self.task = self.pinned or self.tasks[self.np_random.integers(len(self.tasks))]
         self.env = self.envs[self.task]
         self.episode, self.returns = 0, [0.0]
-        raw, info = self.env.reset()
+        raw, _ = self.env.reset()
         return self._obs(raw, True), {}
 
     def step(self, action):
