@@ -885,6 +885,14 @@ def evaluate(agent: Agent, rollouts: MetaRollouts, episodes: int, seed: int) -> 
     return {task: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for task, ms in sorted(results.items())}
 
 
+def replay_fields(obs_space: gym.spaces.Dict, action_space: gym.Space) -> dict:
+    """What the buffer stores per timestep: the env's observation, the token's other inputs (previous action
+    and reward, reset bit), and the learner's reward and terminal flag for the transition into it."""
+    fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
+    return fields | {"prev_action": (action_space.shape, action_space.dtype), "prev_reward": ((), np.float32),
+                     "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
+
+
 def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
     """Autoreset is off: a finished env is reset explicitly so that the final timestep is kept for the buffer."""
     cls = gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv
@@ -991,11 +999,8 @@ if __name__ == "__main__":
     agent = Agent(obs_space, action_dim, args).to(device)
     optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
-    fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
-    fields.update(prev_action=(action_space.shape, action_space.dtype), prev_reward=((), np.float32), reset=((), np.float32),
-                  reward=((), np.float32), terminal=((), bool))
     try:
-        buffer = ReplayBuffer(fields, args.buffer_size, args.num_envs, args.buffer_dir)
+        buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, args.buffer_dir)
     except MemoryError as e:
         fail(str(e))
     print(buffer.footprint())

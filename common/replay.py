@@ -85,7 +85,7 @@ class ReplayBuffer:
         rid0, t0 = self.data["rollout_id"][anchor, envs[:, 0]], self.data["time"][anchor, envs[:, 0]]
         return (rid == rid0[:, None]) & (t == t0[:, None] + offsets) & (rid0[:, None] >= 0)
 
-    def num_transitions(self) -> int:
+    def num_timesteps(self) -> int:
         return int(self.size.sum())
 
     def sample(self, batch_size: int, length: int, rng: np.random.Generator) -> dict:
@@ -128,9 +128,6 @@ class ReplayBuffer:
         return batch
 
     # ---- save / load for resume ----
-    def state(self) -> dict:
-        return {"ptr": self.ptr.tolist(), "size": self.size.tolist(), "next_rollout_id": self.next_rollout_id}
-
     def save(self, folder: str):
         """RAM buffers write their arrays to `folder`; memory-mapped ones only flush (they already live on disk)."""
         os.makedirs(folder, exist_ok=True)
@@ -140,7 +137,7 @@ class ReplayBuffer:
             else:
                 arr.flush()
         with open(os.path.join(folder, "state.json"), "w") as f:
-            json.dump(self.state(), f)
+            json.dump({"ptr": self.ptr.tolist(), "size": self.size.tolist(), "next_rollout_id": self.next_rollout_id}, f)
 
     def load(self, folder: str):
         with open(os.path.join(folder, "state.json")) as f:

@@ -51,9 +51,7 @@ def collection_sps(cfg, async_envs: bool, steps: int) -> float:
     envs = A.make_vector_env([A.make_env(args, i, True) for i in range(args.num_envs)], async_envs)
     agent = A.Agent(envs.single_observation_space, envs.single_action_space.n, args).eval()
     rollouts = A.MetaRollouts(envs, agent, args, "cpu", A.ReplayBuffer(
-        {k: (s.shape, s.dtype) for k, s in envs.single_observation_space.items()}
-        | {"prev_action": ((), np.int64), "prev_reward": ((), np.float32), "reset": ((), np.float32),
-           "reward": ((), np.float32), "terminal": ((), bool)}, args.buffer_size, args.num_envs))
+        A.replay_fields(envs.single_observation_space, envs.single_action_space), args.buffer_size, args.num_envs))
     rollouts.restart(0)
     rng = np.random.default_rng(0)
     eps = np.full(args.num_envs, 0.1)
@@ -93,10 +91,7 @@ def updates(cfg, precision: str, n: int):
     args = build(cfg, precision=precision)
     envs = A.make_vector_env([A.make_env(args, i, True) for i in range(args.num_envs)], False)
     agent = A.Agent(envs.single_observation_space, envs.single_action_space.n, args)
-    fields = {k: (s.shape, s.dtype) for k, s in envs.single_observation_space.items()}
-    fields |= {"prev_action": ((), np.int64), "prev_reward": ((), np.float32), "reset": ((), np.float32),
-               "reward": ((), np.float32), "terminal": ((), bool)}
-    buffer = A.ReplayBuffer(fields, args.buffer_size, args.num_envs)
+    buffer = A.ReplayBuffer(A.replay_fields(envs.single_observation_space, envs.single_action_space), args.buffer_size, args.num_envs)
     rollouts = A.MetaRollouts(envs, agent, args, "cpu", buffer)
     rollouts.restart(0)
     rng = np.random.default_rng(0)

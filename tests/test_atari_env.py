@@ -205,7 +205,7 @@ def test_disk_backed_buffer_round_trip(tmp_path):
     del buf
     again = ReplayBuffer(fields, 200, 2, path=str(tmp_path / "buf"))  # reopens the same files
     again.load(str(tmp_path / "snapshot"))
-    assert again.num_transitions() == 60
+    assert again.num_timesteps() == 60
     np.testing.assert_array_equal(again.data["image"][:30], frames)
     # the training batch's augmentation keeps dtype and shape
     shifted = atari.random_shift(torch.as_tensor(batch["image"]))

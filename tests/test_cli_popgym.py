@@ -35,7 +35,7 @@ def test_save_then_resume_continues(tmp_path):
     ckpt = tmp_path / "runs" / "r" / "checkpoint"
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert state["counters"]["global_step"] == 160 and state["counters"]["updates"] == 4
-    saved_buffer_ptr = np.load(ckpt / state["buffer"] / "rollout_id.npy")
+    saved_ids = np.load(ckpt / state["buffer"] / "rollout_id.npy")
     out = run(["--resume", "runs/r", "--total-timesteps", "320"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "resumed runs/r at step 160 after 4 updates" in out.stdout
@@ -44,8 +44,8 @@ def test_save_then_resume_continues(tmp_path):
     assert state2["counters"]["global_step"] == 320 and state2["args"]["d_model"] == 32  # the saved flags were used
     ids = np.load(ckpt / state2["buffer"] / "rollout_id.npy")
     # the resumed run kept the old data and appended after it with fresh rollout ids
-    kept = saved_buffer_ptr >= 0
-    assert (ids[kept] == saved_buffer_ptr[kept]).sum() > 0 and ids.max() > saved_buffer_ptr.max()
+    kept = saved_ids >= 0
+    assert (ids[kept] == saved_ids[kept]).sum() > 0 and ids.max() > saved_ids.max()
     assert len(os.listdir(ckpt)) == 2  # state.pt and the one buffer snapshot it names
 
 
@@ -60,9 +60,7 @@ def test_resume_reproduces_the_saved_state(tmp_path):
     agent = A.Agent(env.observation_space, env.action_space.n, args)
     opt = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
-    fields = {"obs": ((27,), np.float32), "prev_action": ((), np.int64), "prev_reward": ((), np.float32),
-              "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
-    buffer = A.ReplayBuffer(fields, args.buffer_size, args.num_envs)
+    buffer = A.ReplayBuffer(A.replay_fields(env.observation_space, env.action_space), args.buffer_size, args.num_envs)
     rng = np.random.default_rng(123)
     counters = A.load_checkpoint(str(tmp_path / "runs" / "r"), agent, opt, sched, buffer, rng)
     assert counters["updates"] == 4
@@ -71,7 +69,7 @@ def test_resume_reproduces_the_saved_state(tmp_path):
     assert agent.encoder.norm.count.item() > 0 and agent.popart.updates.item() == 0  # input statistics restored
     assert opt.state_dict()["state"][0]["step"].item() == 4
     assert rng.bit_generator.state == state["rng"]["numpy"]
-    assert buffer.num_transitions() > 0
+    assert buffer.num_timesteps() > 0
 
 
 @pytest.mark.parametrize("flags,message", [
