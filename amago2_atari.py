@@ -57,14 +57,14 @@ class Args:
     """ind: two-hot classification (Eq. 3); dep: PopArt-normalised MSE (Eq. 1)"""
     total_timesteps: int = 10_000_000
     """total environment steps (our choice, 1M per game: the paper does not state its Atari budget)"""
-    num_envs: int = 10
-    """parallel environments, a multiple of len(games) so every game is always being played (official library)"""
+    num_envs: int = 30
+    """parallel environments, a multiple of len(games) so every game is always being played (official library: 30)"""
     async_envs: bool = True
     """step envs in subprocesses (gymnasium AsyncVectorEnv): 10 envs on 2 shared CPU cores, async ~2,800 vs sync ~1,800 env steps/s alone, ~500 vs ~415 in the loop"""
     steps_per_epoch: int = 1000
     """steps collected per env between update phases (official library default)"""
     updates_per_epoch: int = 1000
-    """gradient updates per epoch (official library default)"""
+    """gradient updates per epoch (official library): 1 per 30 env steps with 30 envs x 1000 steps"""
     buffer_size: int = 8_000_000
     """replay capacity in timesteps (paper Table 1); 8M frames need ~170 GB: use --buffer-dir"""
     batch_size: int = 32
@@ -108,7 +108,7 @@ class Args:
     crr_threshold: float = 0.0
     """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
     popart_beta: float = 5e-4
-    """PopArt statistics rate for --critic-loss dep (official library)"""
+    """rate of the global PopArt statistics: the dep critic's output layer, the dep actor's Q scale (official library)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (paper Table 1, Atari)"""
     weight_decay: float = 5e-3
@@ -260,33 +260,34 @@ def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 class ResidualBlock(nn.Module):
-    """x + conv(act(conv(act(x)))), 3x3 convs that keep the shape."""
+    """GroupNorm(x + conv(act(conv(act(x))))), 3x3 convs that keep the shape; 4 groups (official library)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(4, channels)
 
     def forward(self, x):
-        return x + self.conv2(F.leaky_relu(self.conv1(F.leaky_relu(x, 0.01)), 0.01))
+        return self.norm(x + self.conv2(F.leaky_relu(self.conv1(F.leaky_relu(x, 0.01)), 0.01)))
 
 
 class ImpalaBlock(nn.Module):
-    """IMPALA CNN block: conv3x3, maxpool 3 stride 2 (halves H and W), two residual blocks, GroupNorm."""
+    """IMPALA CNN block: conv3x3, maxpool 3 stride 2 without padding (as the official library: 64 -> 31, 84 -> 41),
+    two residual blocks."""
 
     def __init__(self, in_channels: int, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.pool = nn.MaxPool2d(3, stride=2)
         self.res1, self.res2 = ResidualBlock(channels), ResidualBlock(channels)
-        self.norm = nn.GroupNorm(4, channels)  # 4 groups (official library)
 
     def forward(self, x):
-        return self.norm(self.res2(self.res1(self.pool(self.conv(x)))))
+        return self.res2(self.res1(self.pool(self.conv(x))))
 
 
 class TimestepEncoder(nn.Module):
-    """Pixel timestep encoder (SPEC 1): frame -> IMPALA CNN -> Linear -> LayerNorm, merged with a small Linear
+    """Pixel timestep encoder (paper App. B): frame -> IMPALA CNN -> Linear -> LayerNorm, merged with a small Linear
     of symlog([prev action one-hot, prev reward, reset]) -> Linear -> LayerNorm. `channels` are the IMPALA block
     depths (paper Table 2: Atari and Procgen easy 16, 32, 32; Procgen memory-hard 20, 36, 64)."""
 
@@ -297,7 +298,7 @@ class TimestepEncoder(nn.Module):
         blocks = []
         for c in channels:
             blocks.append(ImpalaBlock(C, c))
-            C, H, W = c, (H + 1) // 2, (W + 1) // 2  # each maxpool: ceil(size / 2)
+            C, H, W = c, (H - 3) // 2 + 1, (W - 3) // 2 + 1  # each maxpool: 64 -> 31 -> 15 -> 7, 84 -> 41 -> 20 -> 9
         self.cnn = nn.Sequential(*blocks, nn.Flatten())
         self.image_proj = nn.Sequential(nn.Linear(C * H * W, image_features), nn.LayerNorm(image_features))
         self.rl2_proj = nn.Linear(action_dim + 2, 12)  # "small Linear": 12 features (official library)
@@ -365,17 +366,32 @@ class Actor(nn.Module):
         return torch.distributions.Categorical(probs=probs / probs.sum(-1, keepdim=True))
 
 
-def dpg_actor_loss(agent, h: torch.Tensor, dist, critic_loss: str) -> torch.Tensor:
-    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions. Returns (N, G).
+def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
+    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions, with Q standardised by
+    the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
 
     CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor
     (and, through the actor head, the Transformer) and never the critics.
     """
     with torch.no_grad():
         all_actions = torch.arange(agent.action_dim, device=h.device).view(1, -1, 1).expand(h.shape[0], -1, 1)
-        q = agent.q_values(agent.critics, h.detach(), all_actions, normalized=critic_loss == "dep")  # (N, A, G, C)
+        q = agent.q_values(agent.critics, h.detach(), all_actions, standardized=True)  # (N, A, G, C)
         q = q.min(-1).values.transpose(1, 2)  # (N, G, A): pessimistic over the ensemble
     return -(dist.probs * q).sum(-1)
+
+
+def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
+    """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad.
+
+    As in the official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
+    sum_a pi'(a|h') Q_c(h', a); for the ind actor (its multi-task agent) the value of one sampled a' ~ pi'.
+    """
+    dist = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
+    if actor_loss == "dep":
+        all_actions = torch.arange(agent.action_dim, device=h_next.device).view(1, -1, 1).expand(h_next.shape[0], -1, 1)
+        q = agent.q_values(agent.target_critics, h_next, all_actions)  # (N, A, G, C)
+        return (dist.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1)
+    return agent.q_values(agent.target_critics, h_next, dist.sample()[:, None])[:, 0]
 
 
 def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
@@ -388,9 +404,9 @@ def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.D
 class SigmaReparamLinear(nn.Module):
     """sigma-reparam: effective weight (g / sigma(W)) W, sigma(W) from one power-iteration step per training forward."""
 
-    def __init__(self, d_in: int, d_out: int):
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
         super().__init__()
-        layer = nn.Linear(d_in, d_out)
+        layer = nn.Linear(d_in, d_out, bias=bias)
         self.weight, self.bias = layer.weight, layer.bias
         self.gain = nn.Parameter(torch.ones(()))
         self.register_buffer("u", F.normalize(torch.randn(d_out), dim=0))
@@ -403,7 +419,8 @@ class SigmaReparamLinear(nn.Module):
                 self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
         sigma = self.u @ self.weight @ self.v
         # ((g / sigma) W) x == (g / sigma) (W x): scaling the output avoids materialising a new weight
-        return F.linear(x, self.weight) * (self.gain / sigma) + self.bias
+        out = F.linear(x, self.weight) * (self.gain / sigma)
+        return out if self.bias is None else out + self.bias
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -414,13 +431,14 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU."""
+    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU.
+    As in the official library: qkv without bias, dropout only on the feed-forward output."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
         super().__init__()
         self.n_heads = n_heads
         self.norm_attn_in, self.norm_attn_out = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model), SigmaReparamLinear(d_model, d_model)
+        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model, bias=False), SigmaReparamLinear(d_model, d_model)
         self.head_scale = nn.Parameter(torch.ones(n_heads))  # NormFormer: learnable per-head scale
         self.norm_ff_in, self.norm_ff_mid = nn.LayerNorm(d_model), nn.LayerNorm(d_ff)
         self.ff1, self.ff2 = SigmaReparamLinear(d_model, d_ff), SigmaReparamLinear(d_ff, d_model)
@@ -435,8 +453,8 @@ class TransformerLayer(nn.Module):
             k, v, valid = cache.write(self, k, v)
             a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid)
         a = (a * self.head_scale.view(1, -1, 1, 1)).transpose(1, 2).reshape(B, L, D)
-        x = x + self.dropout(self.norm_attn_out(self.attn_out(a)))  # NormFormer: LayerNorm after attention
-        f = self.ff2(self.dropout(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x))))))
+        x = x + self.norm_attn_out(self.attn_out(a))  # NormFormer: LayerNorm after attention
+        f = self.ff2(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x)))))  # NormFormer: LayerNorm inside FF
         return x + self.dropout(f)
 
 
@@ -536,7 +554,8 @@ class CriticEnsemble(nn.Module):
 
 
 class PopArt(nn.Module):
-    """One global (task-agnostic) PopArt layer per gamma for --critic-loss dep (paper App. B).
+    """One global (task-agnostic) PopArt layer per gamma (paper App. B): the output layer of the scalar critics of
+    --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic.
 
     Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed
     w, b are rescaled so the denormalised output sigma * (w x + b) + mu is unchanged.
@@ -547,7 +566,9 @@ class PopArt(nn.Module):
         self.beta = beta
         for name, init in [("mu", 0.0), ("nu", 100.0), ("w", 1.0), ("b", 0.0)]:
             self.register_buffer(name, torch.full((num_gammas,), init))
-        self.register_buffer("updates", torch.zeros(()))
+        # the official library's step counter starts at 1, so the first update has t = 2 and beta_t ~ 1/2:
+        # the prior (mu 0, nu 100) is averaged with the first batch, not discarded
+        self.register_buffer("updates", torch.ones(()))
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -558,6 +579,10 @@ class PopArt(nn.Module):
 
     def denormalized(self, x: torch.Tensor) -> torch.Tensor:
         return self.sigma * self.normalized(x) + self.mu
+
+    def standardized(self, q: torch.Tensor) -> torch.Tensor:
+        """(Q - mu) / sigma for denormalised values q: (..., G). For the dep critic this equals its normalised output."""
+        return (q - self.mu) / self.sigma
 
     @torch.no_grad()
     def update(self, y: torch.Tensor):
@@ -597,17 +622,21 @@ class Agent(nn.Module):
         tokens = self.encoder(obs, batch["prev_action"], batch["prev_reward"], batch["reset"], mask)
         return self.transformer(tokens, batch["time"])
 
-    def scalar_q(self, out: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C): two-hot expectation, or PopArt (normalised or not)."""
+    def scalar_q(self, out: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C), in fp32 (also under bf16 autocast): the two-hot
+        expectation or PopArt's denormalised output; standardized: (Q - mu) / sigma by the global PopArt statistics."""
         out = out.float()
         if out.shape[-1] > 1:
-            return bins_to_scalar(out.softmax(-1), self.bins)
-        x = out[..., 0].transpose(-1, -2)  # (..., C, G): PopArt is per gamma
-        return (self.popart.normalized(x) if normalized else self.popart.denormalized(x)).transpose(-1, -2)
+            q = bins_to_scalar(out.softmax(-1), self.bins).transpose(-1, -2)  # (..., C, G): PopArt is per gamma
+            q = self.popart.standardized(q) if standardized else q
+        else:
+            x = out[..., 0].transpose(-1, -2)
+            q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
+        return q.transpose(-1, -2)
 
-    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
-        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), normalized)
+        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
     @torch.no_grad()
     def ema_update(self, tau: float):
@@ -618,14 +647,15 @@ class Agent(nn.Module):
 
 # ---- losses (paper Section 3; SPEC 3-4) ----
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
-    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), a' ~ target actor, Qbar = mean of 2
-    target critics drawn at random per sample. h_next: (N, d), reward / done: (N,) -> y: (N, G)."""
+    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
+    drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,
+    clipped double-Q, with the dep actor (official library, DPG agent). h_next: (N, d), reward / done: (N,) -> (N, G)."""
     with torch.no_grad():
-        a_next = agent.target_actor(h_next).sample()  # (N, G): each gamma's own policy
-        q = agent.q_values(agent.target_critics, h_next, a_next[:, None])[:, 0]  # (N, G, C), denormalised
+        q = next_state_values(agent, h_next, args.actor_loss)  # (N, G, C)
         pick = torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device)
-        q_bar = q.gather(-1, pick).mean(-1)  # (N, G)
-        return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
+        q_two = q.gather(-1, pick)  # (N, G, 2)
+        q_bar = q_two.min(-1).values if args.actor_loss == "dep" else q_two.mean(-1)
+        return args.reward_multiplier * reward[:, None].float() + agent.gammas * (1 - done[:, None].float()) * q_bar
 
 
 def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -634,10 +664,9 @@ def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.T
     return -(label * out.float().log_softmax(-1)).sum(-1)
 
 
-def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Eq. 1 with PopArt: update the statistics from the valid targets, then (w x + b - (y - mu) / sigma)^2."""
-    agent.popart.update(y[valid])
-    target = (y - agent.popart.mu) / agent.popart.sigma  # (N, G)
+def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 with PopArt (statistics already updated from this batch's targets): (w x + b - (y - mu) / sigma)^2."""
+    target = agent.popart.standardized(y)  # (N, G)
     pred = agent.popart.normalized(out[..., 0].float().transpose(1, 2))  # (N, C, G)
     return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
 
@@ -665,10 +694,13 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     y = td_target(agent, h_next, batch["reward"][:, 1:].reshape(N).float(), batch["terminal"][:, 1:].reshape(N).float(), args)
     out = agent.critics(h_t, action_features(action, agent.action_dim))[:, 0]  # (N, G, C, out)
     valid = valid.reshape(N)
+    # global PopArt statistics follow the TD targets on every update, whatever the critic: the dep critic is
+    # their output layer (Eq. 1) and the dep actor standardises Q by them (Eq. 2, paper App. B)
+    agent.popart.update(y[valid])
     if args.critic_loss == "ind":
         critic = critic_loss_ind(agent, out, y)
     else:
-        critic = critic_loss_dep(agent, out, y, valid)
+        critic = critic_loss_dep(agent, out, y)
 
     dist = agent.actor(h_t)  # G distributions over (N,)
     if args.actor_loss == "ind":
@@ -676,7 +708,7 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
         a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
         actor = -keep * dist.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
     else:
-        actor = dpg_actor_loss(agent, h_t, dist, args.critic_loss)
+        actor = dpg_actor_loss(agent, h_t, dist)
 
     def masked_mean(x):  # mean over valid transitions (filtered CRR steps stay in the denominator)
         return (x.reshape(N, -1).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
@@ -820,7 +852,8 @@ def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     state = {
         "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "counters": counters, "buffer": snapshot, "args": asdict(args),
-        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
@@ -839,6 +872,8 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     random.setstate(state["rng"]["python"])
     rng.bit_generator.state = state["rng"]["numpy"]
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():  # a GPU run's sampling continues where it stopped
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["counters"]
 
 

@@ -88,14 +88,14 @@ class Args:
     """EMA rate of the target actor and critic heads (paper Table 1)"""
     critic_weight: float = 10.0
     """lambda in actor_loss + lambda * critic_loss (official library)"""
-    reward_multiplier: float = 1000.0
-    """reward scale inside the loss only (official library, BabyAI)"""
+    reward_multiplier: float = 10.0
+    """reward scale inside the loss only (official library's BabyAI launch)"""
     crr_samples: int = 3
     """policy samples in the CRR advantage baseline (official library)"""
     crr_threshold: float = 0.0
     """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
     popart_beta: float = 5e-4
-    """PopArt statistics rate for --critic-loss dep (official library)"""
+    """rate of the global PopArt statistics: the dep critic's output layer, the dep actor's Q scale (official library)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (paper Table 1, BabyAI)"""
     weight_decay: float = 1e-3
@@ -109,7 +109,7 @@ class Args:
     eps_end: float = 0.05
     """epsilon-greedy end value (official library)"""
     eps_anneal_steps: int = 500_000
-    """steps per env over which epsilon anneals (official library, BabyAI)"""
+    """steps per env over which epsilon anneals (500k for BabyAI's short attempts; the official library's default is 1M)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
     kv_cache: bool = True
@@ -152,9 +152,10 @@ TEST_TASKS = [
     "GoToLocalS7N4", "GoToLocalS8N2", "GoToLocalS8N3", "GoToLocalS8N7", "GoToObjMazeS7", "OpenDoorLoc",
     "UnlockLocalDist", "UnlockPickupDist", "ActionObjDoor", "FindObjS5", "KeyCorridorS6R3",
 ]
-# Layout seeds: evaluation only ever sees seeds that training never draws.
-TRAIN_SEED_RANGE = (0, 1_000_000)
-EVAL_SEED_RANGE = (1_000_000, 2_000_000)
+# Layout seeds (the authors' launch script): training draws from [0, 5000), evaluation from seeds above them that
+# training never draws, the paper's "unseen layouts".
+TRAIN_SEED_RANGE = (0, 5_000)
+EVAL_SEED_RANGE = (5_000, 1_000_000)
 
 # The 29 words of the 68 tasks' missions (SPEC section 6). "door," is a word of its own: missions are split on
 # whitespace only, and OpenRedBlueDoors says "open the red door, then open the blue door".
@@ -188,13 +189,14 @@ class BabyAIMetaEnv(gym.Env):
         self.tasks = [task] if task is not None else (TRAIN_TASKS if train else TEST_TASKS)
         self.seed_range = TRAIN_SEED_RANGE if train else EVAL_SEED_RANGE
         self.k_episodes = k_episodes
-        self.rng = np.random.default_rng(seed)
+        self.np_random = np.random.default_rng(seed)
         self.envs = {}  # one minigrid env per task, built on first use and kept
         self.observation_space = gym.spaces.Dict({
             "image": gym.spaces.Box(0, 255, (7, 7, 3), np.uint8),
             "direction": gym.spaces.Box(0, 3, (1,), np.uint8),  # uint8 ids: 70 bytes less per replay timestep
             "mission": gym.spaces.Box(0, VOCAB_SIZE - 1, (MAX_MISSION_LEN,), np.uint8),
             "progress": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
+            "attempt": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
         })
         self.action_space = gym.spaces.Discrete(7)
 
@@ -205,6 +207,9 @@ class BabyAIMetaEnv(gym.Env):
             "direction": np.array([obs["direction"]], dtype=np.uint8),
             "mission": self.mission.copy(),
             "progress": np.array([env.step_count / env.max_steps], dtype=np.float32),
+            # the attempt number / k, 1/k in the first attempt (official library): attempt 2's first observation
+            # differs from attempt 1's
+            "attempt": np.array([(len(self.returns) + 1) / self.k_episodes], dtype=np.float32),
         }
 
     def _start_attempt(self) -> dict:
@@ -215,10 +220,9 @@ class BabyAIMetaEnv(gym.Env):
         return self._obs(obs)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        if seed is not None:
-            self.rng = np.random.default_rng(seed)
-        self.task = self.tasks[self.rng.integers(len(self.tasks))]
-        self.layout_seed = int(self.rng.integers(*self.seed_range))
+        super().reset(seed=seed)  # seeds self.np_random (gymnasium's protocol); unseeded resets continue its stream
+        self.task = self.tasks[self.np_random.integers(len(self.tasks))]
+        self.layout_seed = int(self.np_random.integers(*self.seed_range))
         if self.task not in self.envs:
             self.envs[self.task] = gym.make(babyai_id(self.task))
         self.env = self.envs[self.task]
@@ -243,7 +247,9 @@ class BabyAIMetaEnv(gym.Env):
         info["metrics"] = {"return": sum(self.returns)}  # the whole meta-rollout's return
         info["metrics"].update({f"return_{a + 1}": r for a, r in enumerate(self.returns)})
         info["metrics"].update({f"success_{a + 1}": s for a, s in enumerate(self.successes)})
-        return self._obs(obs), reward, bool(terminated), bool(truncated and not terminated), info
+        # CRUCIAL: the last attempt's end is the end of the protocol, a terminal also where the attempt ran out of time
+        # (official library: done): nothing follows it to bootstrap from
+        return self._obs(obs), reward, True, False, info
 
 
 def make_env(args: Args, env_idx: int, train: bool, task: str | None = None) -> Callable[[], gym.Env]:
@@ -291,8 +297,8 @@ def summarize_eval(per_task: dict) -> dict:
 
 
 class TimestepEncoder(nn.Module):
-    """SPEC section 1 (BabyAI): grid CNN + mission GRU + MLP on [direction, progress, prev action, prev reward,
-    reset]; concatenate, Linear, LayerNorm."""
+    """Paper App. B (BabyAI): grid CNN + mission RNN + MLP on [direction, progress, attempt, prev action, prev
+    reward, reset]; concatenate, Linear, LayerNorm."""
 
     def __init__(self, obs_space, num_actions: int, d_out: int = 256):
         super().__init__()
@@ -310,18 +316,18 @@ class TimestepEncoder(nn.Module):
             nn.Flatten(), nn.Linear(64 * (h - 4) * (w - 4), 128), nn.LeakyReLU(0.01),
         )
         self.word_embed = nn.Embedding(VOCAB_SIZE, 32, padding_idx=BLANK)
-        self.gru = nn.GRU(32, 128, batch_first=True)
+        self.rnn = nn.RNN(32, 128, batch_first=True)  # a single-layer vanilla (tanh) RNN, as the official library
         self.extras = nn.Sequential(
-            nn.Linear(4 + 1 + num_actions + 2, 64), nn.LeakyReLU(0.01), nn.Linear(64, 64), nn.LeakyReLU(0.01)
+            nn.Linear(4 + 2 + num_actions + 2, 64), nn.LeakyReLU(0.01), nn.Linear(64, 64), nn.LeakyReLU(0.01)
         )
         self.out = nn.Linear(128 + 128 + 64, d_out)
         self.norm = nn.LayerNorm(d_out)
 
     def mission_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(N, M) word ids -> (N, 128): the GRU state after each mission's last real word."""
-        # A window mostly repeats one mission: run the GRU once per distinct token sequence, then scatter back.
+        """(N, M) word ids -> (N, 128): the RNN state after each mission's last real word."""
+        # A window mostly repeats one mission: run the RNN once per distinct token sequence, then scatter back.
         tokens, inverse = torch.unique(tokens, dim=0, return_inverse=True)  # (U, M)
-        out, _ = self.gru(self.word_embed(tokens))  # (U, M, 128)
+        out, _ = self.rnn(self.word_embed(tokens))  # (U, M, 128)
         last = (tokens != BLANK).sum(-1).clamp(min=1) - 1  # padding is only ever trailing: the last real word
         return out[torch.arange(len(tokens), device=out.device), last][inverse]
 
@@ -335,6 +341,7 @@ class TimestepEncoder(nn.Module):
         extras = torch.cat([
             F.one_hot(obs["direction"].long().reshape(B * L), 4).float(),
             obs["progress"].reshape(B * L, 1).float(),
+            obs["attempt"].reshape(B * L, 1).float(),
             action_features(prev_action.reshape(B * L), self.num_actions),  # NO_ACTION (-1) -> zeros
             prev_reward.reshape(B * L, 1).float(),
             reset.reshape(B * L, 1).float(),
@@ -375,17 +382,32 @@ class Actor(nn.Module):
         return torch.distributions.Categorical(probs=probs / probs.sum(-1, keepdim=True))
 
 
-def dpg_actor_loss(agent, h: torch.Tensor, dist, critic_loss: str) -> torch.Tensor:
-    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions. Returns (N, G).
+def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
+    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions, with Q standardised by
+    the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
 
     CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor
     (and, through the actor head, the Transformer) and never the critics.
     """
     with torch.no_grad():
         all_actions = torch.arange(agent.action_dim, device=h.device).view(1, -1, 1).expand(h.shape[0], -1, 1)
-        q = agent.q_values(agent.critics, h.detach(), all_actions, normalized=critic_loss == "dep")  # (N, A, G, C)
+        q = agent.q_values(agent.critics, h.detach(), all_actions, standardized=True)  # (N, A, G, C)
         q = q.min(-1).values.transpose(1, 2)  # (N, G, A): pessimistic over the ensemble
     return -(dist.probs * q).sum(-1)
+
+
+def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
+    """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad.
+
+    As in the official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
+    sum_a pi'(a|h') Q_c(h', a); for the ind actor (its multi-task agent) the value of one sampled a' ~ pi'.
+    """
+    dist = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
+    if actor_loss == "dep":
+        all_actions = torch.arange(agent.action_dim, device=h_next.device).view(1, -1, 1).expand(h_next.shape[0], -1, 1)
+        q = agent.q_values(agent.target_critics, h_next, all_actions)  # (N, A, G, C)
+        return (dist.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1)
+    return agent.q_values(agent.target_critics, h_next, dist.sample()[:, None])[:, 0]
 
 
 def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
@@ -398,9 +420,9 @@ def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.D
 class SigmaReparamLinear(nn.Module):
     """sigma-reparam: effective weight (g / sigma(W)) W, sigma(W) from one power-iteration step per training forward."""
 
-    def __init__(self, d_in: int, d_out: int):
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
         super().__init__()
-        layer = nn.Linear(d_in, d_out)
+        layer = nn.Linear(d_in, d_out, bias=bias)
         self.weight, self.bias = layer.weight, layer.bias
         self.gain = nn.Parameter(torch.ones(()))
         self.register_buffer("u", F.normalize(torch.randn(d_out), dim=0))
@@ -413,7 +435,8 @@ class SigmaReparamLinear(nn.Module):
                 self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
         sigma = self.u @ self.weight @ self.v
         # ((g / sigma) W) x == (g / sigma) (W x): scaling the output avoids materialising a new weight
-        return F.linear(x, self.weight) * (self.gain / sigma) + self.bias
+        out = F.linear(x, self.weight) * (self.gain / sigma)
+        return out if self.bias is None else out + self.bias
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -424,13 +447,14 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU."""
+    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU.
+    As in the official library: qkv without bias, dropout only on the feed-forward output."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
         super().__init__()
         self.n_heads = n_heads
         self.norm_attn_in, self.norm_attn_out = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model), SigmaReparamLinear(d_model, d_model)
+        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model, bias=False), SigmaReparamLinear(d_model, d_model)
         self.head_scale = nn.Parameter(torch.ones(n_heads))  # NormFormer: learnable per-head scale
         self.norm_ff_in, self.norm_ff_mid = nn.LayerNorm(d_model), nn.LayerNorm(d_ff)
         self.ff1, self.ff2 = SigmaReparamLinear(d_model, d_ff), SigmaReparamLinear(d_ff, d_model)
@@ -445,8 +469,8 @@ class TransformerLayer(nn.Module):
             k, v, valid = cache.write(self, k, v)
             a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid)
         a = (a * self.head_scale.view(1, -1, 1, 1)).transpose(1, 2).reshape(B, L, D)
-        x = x + self.dropout(self.norm_attn_out(self.attn_out(a)))  # NormFormer: LayerNorm after attention
-        f = self.ff2(self.dropout(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x))))))
+        x = x + self.norm_attn_out(self.attn_out(a))  # NormFormer: LayerNorm after attention
+        f = self.ff2(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x)))))  # NormFormer: LayerNorm inside FF
         return x + self.dropout(f)
 
 
@@ -546,7 +570,8 @@ class CriticEnsemble(nn.Module):
 
 
 class PopArt(nn.Module):
-    """One global (task-agnostic) PopArt layer per gamma for --critic-loss dep (paper App. B).
+    """One global (task-agnostic) PopArt layer per gamma (paper App. B): the output layer of the scalar critics of
+    --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic.
 
     Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed
     w, b are rescaled so the denormalised output sigma * (w x + b) + mu is unchanged.
@@ -557,7 +582,9 @@ class PopArt(nn.Module):
         self.beta = beta
         for name, init in [("mu", 0.0), ("nu", 100.0), ("w", 1.0), ("b", 0.0)]:
             self.register_buffer(name, torch.full((num_gammas,), init))
-        self.register_buffer("updates", torch.zeros(()))
+        # the official library's step counter starts at 1, so the first update has t = 2 and beta_t ~ 1/2:
+        # the prior (mu 0, nu 100) is averaged with the first batch, not discarded
+        self.register_buffer("updates", torch.ones(()))
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -568,6 +595,10 @@ class PopArt(nn.Module):
 
     def denormalized(self, x: torch.Tensor) -> torch.Tensor:
         return self.sigma * self.normalized(x) + self.mu
+
+    def standardized(self, q: torch.Tensor) -> torch.Tensor:
+        """(Q - mu) / sigma for denormalised values q: (..., G). For the dep critic this equals its normalised output."""
+        return (q - self.mu) / self.sigma
 
     @torch.no_grad()
     def update(self, y: torch.Tensor):
@@ -607,17 +638,21 @@ class Agent(nn.Module):
         tokens = self.encoder(obs, batch["prev_action"], batch["prev_reward"], batch["reset"], mask)
         return self.transformer(tokens, batch["time"])
 
-    def scalar_q(self, out: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C): two-hot expectation, or PopArt (normalised or not)."""
+    def scalar_q(self, out: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C), in fp32 (also under bf16 autocast): the two-hot
+        expectation or PopArt's denormalised output; standardized: (Q - mu) / sigma by the global PopArt statistics."""
         out = out.float()
         if out.shape[-1] > 1:
-            return bins_to_scalar(out.softmax(-1), self.bins)
-        x = out[..., 0].transpose(-1, -2)  # (..., C, G): PopArt is per gamma
-        return (self.popart.normalized(x) if normalized else self.popart.denormalized(x)).transpose(-1, -2)
+            q = bins_to_scalar(out.softmax(-1), self.bins).transpose(-1, -2)  # (..., C, G): PopArt is per gamma
+            q = self.popart.standardized(q) if standardized else q
+        else:
+            x = out[..., 0].transpose(-1, -2)
+            q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
+        return q.transpose(-1, -2)
 
-    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
-        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), normalized)
+        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
     @torch.no_grad()
     def ema_update(self, tau: float):
@@ -628,14 +663,15 @@ class Agent(nn.Module):
 
 # ---- losses (paper Section 3; SPEC 3-4) ----
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
-    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), a' ~ target actor, Qbar = mean of 2
-    target critics drawn at random per sample. h_next: (N, d), reward / done: (N,) -> y: (N, G)."""
+    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
+    drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,
+    clipped double-Q, with the dep actor (official library, DPG agent). h_next: (N, d), reward / done: (N,) -> (N, G)."""
     with torch.no_grad():
-        a_next = agent.target_actor(h_next).sample()  # (N, G): each gamma's own policy
-        q = agent.q_values(agent.target_critics, h_next, a_next[:, None])[:, 0]  # (N, G, C), denormalised
+        q = next_state_values(agent, h_next, args.actor_loss)  # (N, G, C)
         pick = torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device)
-        q_bar = q.gather(-1, pick).mean(-1)  # (N, G)
-        return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
+        q_two = q.gather(-1, pick)  # (N, G, 2)
+        q_bar = q_two.min(-1).values if args.actor_loss == "dep" else q_two.mean(-1)
+        return args.reward_multiplier * reward[:, None].float() + agent.gammas * (1 - done[:, None].float()) * q_bar
 
 
 def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -644,10 +680,9 @@ def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.T
     return -(label * out.float().log_softmax(-1)).sum(-1)
 
 
-def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Eq. 1 with PopArt: update the statistics from the valid targets, then (w x + b - (y - mu) / sigma)^2."""
-    agent.popart.update(y[valid])
-    target = (y - agent.popart.mu) / agent.popart.sigma  # (N, G)
+def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 with PopArt (statistics already updated from this batch's targets): (w x + b - (y - mu) / sigma)^2."""
+    target = agent.popart.standardized(y)  # (N, G)
     pred = agent.popart.normalized(out[..., 0].float().transpose(1, 2))  # (N, C, G)
     return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
 
@@ -675,10 +710,13 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     y = td_target(agent, h_next, batch["reward"][:, 1:].reshape(N).float(), batch["terminal"][:, 1:].reshape(N).float(), args)
     out = agent.critics(h_t, action_features(action, agent.action_dim))[:, 0]  # (N, G, C, out)
     valid = valid.reshape(N)
+    # global PopArt statistics follow the TD targets on every update, whatever the critic: the dep critic is
+    # their output layer (Eq. 1) and the dep actor standardises Q by them (Eq. 2, paper App. B)
+    agent.popart.update(y[valid])
     if args.critic_loss == "ind":
         critic = critic_loss_ind(agent, out, y)
     else:
-        critic = critic_loss_dep(agent, out, y, valid)
+        critic = critic_loss_dep(agent, out, y)
 
     dist = agent.actor(h_t)  # G distributions over (N,)
     if args.actor_loss == "ind":
@@ -686,7 +724,7 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
         a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
         actor = -keep * dist.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
     else:
-        actor = dpg_actor_loss(agent, h_t, dist, args.critic_loss)
+        actor = dpg_actor_loss(agent, h_t, dist)
 
     def masked_mean(x):  # mean over valid transitions (filtered CRR steps stay in the denominator)
         return (x.reshape(N, -1).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
@@ -830,7 +868,8 @@ def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     state = {
         "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "counters": counters, "buffer": snapshot, "args": asdict(args),
-        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
@@ -849,6 +888,8 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     random.setstate(state["rng"]["python"])
     rng.bit_generator.state = state["rng"]["numpy"]
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():  # a GPU run's sampling continues where it stopped
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["counters"]
 
 

@@ -53,14 +53,14 @@ class Args:
     """ind: two-hot classification (Eq. 3); dep: PopArt-normalised MSE (Eq. 1)"""
     total_timesteps: int = 100_000_000
     """total environment steps (paper Fig. 4: 100M)"""
-    num_envs: int = 24
-    """parallel environments (our choice; the paper does not state it)"""
+    num_envs: int = 30
+    """parallel environments (official library's ML45 launch: 30)"""
     async_envs: bool = False
     """step envs in subprocesses (gymnasium AsyncVectorEnv); a MuJoCo step costs ~0.2-0.4 ms, so worth it when CPU cores are free"""
-    steps_per_epoch: int = 1000
-    """steps collected per env between update phases (official library default)"""
+    steps_per_epoch: int = 1500
+    """steps collected per env between update phases (official library's ML45 launch: ~1500, one 3-episode rollout)"""
     updates_per_epoch: int = 1000
-    """gradient updates per epoch (official library default)"""
+    """gradient updates per epoch (official library): 1 per 45 env steps with 30 envs x 1500 steps"""
     buffer_size: int = 8_000_000
     """replay capacity in timesteps (paper Table 1, Meta-World: 8M, 1.5 GiB)"""
     batch_size: int = 24
@@ -100,7 +100,7 @@ class Args:
     crr_threshold: float = 0.0
     """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
     popart_beta: float = 5e-4
-    """PopArt statistics rate for --critic-loss dep (official library)"""
+    """rate of the global PopArt statistics: the dep critic's output layer, the dep actor's Q scale (official library)"""
     learning_rate: float = 5e-4
     """AdamW learning rate (paper Table 1, Meta-World)"""
     weight_decay: float = 1e-4
@@ -113,10 +113,10 @@ class Args:
     """exploration noise scale at the start of training (official library)"""
     eps_end: float = 0.05
     """exploration noise scale after annealing (official library)"""
-    eps_anneal_steps: int = 1_000_000
-    """steps per env over which epsilon anneals (official library)"""
-    eps_rollout_end: float = 0.2
-    """epsilon at a meta-rollout's last step as a fraction of its first (official library: 0.8 early in training, 0.2 once annealed)"""
+    eps_anneal_steps: int = 2_000_000
+    """steps per env over which epsilon anneals (official library's Meta-World launch: 2M)"""
+    eps_rollout_floor: float = 0.01
+    """floor of the noise at a meta-rollout's last step, which anneals from eps_end to this (official library)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
     kv_cache: bool = True
@@ -207,7 +207,7 @@ class MetaWorldMetaEnv(gym.Env):
         self.total_return += reward
         self.successes[self.episode] = max(self.successes[self.episode], float(raw_info["success"]))
         info = {"policy_reward": reward, "new_episode": False}
-        truncated = False
+        terminated = False
         if self.t == self.episode_length:
             self.episode, self.t = self.episode + 1, 0
             if self.episode < self.k:
@@ -215,13 +215,15 @@ class MetaWorldMetaEnv(gym.Env):
                 # the Transformer keeps its memory of the previous attempts
                 obs, _ = self.sim.reset()
                 info["new_episode"] = True
-            else:  # the k-th episode ended: a time limit, not a terminal (the critic may bootstrap)
-                truncated = True
+            else:
+                # CRUCIAL: the k-th episode's end is the end of the protocol, a terminal (official library:
+                # terminated = truncated = current_trial >= k): values stay finite-horizon over the k attempts
+                terminated = True
                 info["task"] = self.prefix + self.task
                 info["metrics"] = {f"success_{i + 1}": float(s) for i, s in enumerate(self.successes)}
                 info["metrics"]["success"] = float(self.successes.mean())
                 info["metrics"]["return"] = self.total_return
-        return {"obs": obs.astype(np.float32)}, reward, False, truncated, info
+        return {"obs": obs.astype(np.float32)}, reward, terminated, False, info
 
     def close(self):
         if self.sim is not None:
@@ -367,8 +369,9 @@ class Actor(nn.Module):
         return TanhGaussian(mean, log_std.exp())
 
 
-def dpg_actor_loss(agent, h: torch.Tensor, dist, critic_loss: str) -> torch.Tensor:
-    """Eq. 2, continuous: -min_c Q_c(h, a) with a ~ pi(h) a reparameterised sample. Returns (N, G).
+def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
+    """Eq. 2, continuous: -min_c Q_c(h, a) with a ~ pi(h) a reparameterised sample, Q standardised by the global
+    PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
 
     CRUCIAL: the critics are evaluated with detached copies of their weights on a detached state, so the
     gradient flows only through the action into the actor (and, through the actor head, the Transformer);
@@ -377,16 +380,29 @@ def dpg_actor_loss(agent, h: torch.Tensor, dist, critic_loss: str) -> torch.Tens
     frozen = {name: p.detach() for name, p in agent.critics.named_parameters()}
     actions = dist.rsample()[:, None]  # (N, 1, G, A): each gamma's own policy
     out = torch.func.functional_call(agent.critics, frozen, (h.detach(), action_features(actions, agent.action_dim)))
-    q = agent.scalar_q(out, normalized=critic_loss == "dep")[:, 0]  # (N, G, C)
+    q = agent.scalar_q(out, standardized=True)[:, 0]  # (N, G, C)
     return -q.min(-1).values  # pessimistic over the ensemble
 
 
+def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
+    """Each target critic's value of one sampled a' ~ pi'(h') at t+1 (continuous actions: no exact expectation, as
+    in the official library for both actors). (N, d) -> (N, G, C), denormalised, no grad."""
+    return agent.q_values(agent.target_critics, h_next, agent.target_actor(h_next).sample()[:, None])[:, 0]
+
+
+def rollout_end_epsilon(args: Args, global_step: int) -> float:
+    """The noise at a meta-rollout's last step (official library): eps_end, annealed at epsilon's own rate down to
+    eps_rollout_floor. Early in training a rollout thus explores from 1.0 down to 0.05, later from 0.05 to 0.01."""
+    slope = (args.eps_start - args.eps_end) / args.eps_anneal_steps
+    return max(args.eps_end - slope * global_step / args.num_envs, args.eps_rollout_floor)
+
+
 def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Box, rng: np.random.Generator,
-            t: np.ndarray, args: Args) -> np.ndarray:
-    """Gaussian noise of std epsilon on top of policy sampling, then clip to the action box. Epsilon also decays
-    within the meta-rollout, linearly in the time index t to eps_rollout_end x epsilon at its last step."""
+            t: np.ndarray, epsilon_last: np.ndarray, args: Args) -> np.ndarray:
+    """Gaussian noise on top of policy sampling, then clip to the action box. Its std decays within the meta-rollout,
+    linearly in the time index t from epsilon at the first step to epsilon_last at the last (official library)."""
     progress = t / (args.k_episodes * args.episode_length)  # (E,) in [0, 1)
-    std = epsilon * (1 - (1 - args.eps_rollout_end) * progress)
+    std = epsilon + (epsilon_last - epsilon) * progress
     noisy = actions + std[:, None] * rng.standard_normal(actions.shape)
     return np.clip(noisy, action_space.low, action_space.high).astype(actions.dtype)
 
@@ -395,9 +411,9 @@ def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.B
 class SigmaReparamLinear(nn.Module):
     """sigma-reparam: effective weight (g / sigma(W)) W, sigma(W) from one power-iteration step per training forward."""
 
-    def __init__(self, d_in: int, d_out: int):
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
         super().__init__()
-        layer = nn.Linear(d_in, d_out)
+        layer = nn.Linear(d_in, d_out, bias=bias)
         self.weight, self.bias = layer.weight, layer.bias
         self.gain = nn.Parameter(torch.ones(()))
         self.register_buffer("u", F.normalize(torch.randn(d_out), dim=0))
@@ -410,7 +426,8 @@ class SigmaReparamLinear(nn.Module):
                 self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
         sigma = self.u @ self.weight @ self.v
         # ((g / sigma) W) x == (g / sigma) (W x): scaling the output avoids materialising a new weight
-        return F.linear(x, self.weight) * (self.gain / sigma) + self.bias
+        out = F.linear(x, self.weight) * (self.gain / sigma)
+        return out if self.bias is None else out + self.bias
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -421,13 +438,14 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU."""
+    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU.
+    As in the official library: qkv without bias, dropout only on the feed-forward output."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
         super().__init__()
         self.n_heads = n_heads
         self.norm_attn_in, self.norm_attn_out = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model), SigmaReparamLinear(d_model, d_model)
+        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model, bias=False), SigmaReparamLinear(d_model, d_model)
         self.head_scale = nn.Parameter(torch.ones(n_heads))  # NormFormer: learnable per-head scale
         self.norm_ff_in, self.norm_ff_mid = nn.LayerNorm(d_model), nn.LayerNorm(d_ff)
         self.ff1, self.ff2 = SigmaReparamLinear(d_model, d_ff), SigmaReparamLinear(d_ff, d_model)
@@ -442,8 +460,8 @@ class TransformerLayer(nn.Module):
             k, v, valid = cache.write(self, k, v)
             a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid)
         a = (a * self.head_scale.view(1, -1, 1, 1)).transpose(1, 2).reshape(B, L, D)
-        x = x + self.dropout(self.norm_attn_out(self.attn_out(a)))  # NormFormer: LayerNorm after attention
-        f = self.ff2(self.dropout(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x))))))
+        x = x + self.norm_attn_out(self.attn_out(a))  # NormFormer: LayerNorm after attention
+        f = self.ff2(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x)))))  # NormFormer: LayerNorm inside FF
         return x + self.dropout(f)
 
 
@@ -543,7 +561,8 @@ class CriticEnsemble(nn.Module):
 
 
 class PopArt(nn.Module):
-    """One global (task-agnostic) PopArt layer per gamma for --critic-loss dep (paper App. B).
+    """One global (task-agnostic) PopArt layer per gamma (paper App. B): the output layer of the scalar critics of
+    --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic.
 
     Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed
     w, b are rescaled so the denormalised output sigma * (w x + b) + mu is unchanged.
@@ -554,7 +573,9 @@ class PopArt(nn.Module):
         self.beta = beta
         for name, init in [("mu", 0.0), ("nu", 100.0), ("w", 1.0), ("b", 0.0)]:
             self.register_buffer(name, torch.full((num_gammas,), init))
-        self.register_buffer("updates", torch.zeros(()))
+        # the official library's step counter starts at 1, so the first update has t = 2 and beta_t ~ 1/2:
+        # the prior (mu 0, nu 100) is averaged with the first batch, not discarded
+        self.register_buffer("updates", torch.ones(()))
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -565,6 +586,10 @@ class PopArt(nn.Module):
 
     def denormalized(self, x: torch.Tensor) -> torch.Tensor:
         return self.sigma * self.normalized(x) + self.mu
+
+    def standardized(self, q: torch.Tensor) -> torch.Tensor:
+        """(Q - mu) / sigma for denormalised values q: (..., G). For the dep critic this equals its normalised output."""
+        return (q - self.mu) / self.sigma
 
     @torch.no_grad()
     def update(self, y: torch.Tensor):
@@ -604,17 +629,21 @@ class Agent(nn.Module):
         tokens = self.encoder(obs, batch["prev_action"], batch["prev_reward"], batch["reset"], mask)
         return self.transformer(tokens, batch["time"])
 
-    def scalar_q(self, out: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C): two-hot expectation, or PopArt (normalised or not)."""
+    def scalar_q(self, out: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C), in fp32 (also under bf16 autocast): the two-hot
+        expectation or PopArt's denormalised output; standardized: (Q - mu) / sigma by the global PopArt statistics."""
         out = out.float()
         if out.shape[-1] > 1:
-            return bins_to_scalar(out.softmax(-1), self.bins)
-        x = out[..., 0].transpose(-1, -2)  # (..., C, G): PopArt is per gamma
-        return (self.popart.normalized(x) if normalized else self.popart.denormalized(x)).transpose(-1, -2)
+            q = bins_to_scalar(out.softmax(-1), self.bins).transpose(-1, -2)  # (..., C, G): PopArt is per gamma
+            q = self.popart.standardized(q) if standardized else q
+        else:
+            x = out[..., 0].transpose(-1, -2)
+            q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
+        return q.transpose(-1, -2)
 
-    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
-        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), normalized)
+        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
     @torch.no_grad()
     def ema_update(self, tau: float):
@@ -625,14 +654,15 @@ class Agent(nn.Module):
 
 # ---- losses (paper Section 3; SPEC 3-4) ----
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
-    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), a' ~ target actor, Qbar = mean of 2
-    target critics drawn at random per sample. h_next: (N, d), reward / done: (N,) -> y: (N, G)."""
+    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
+    drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,
+    clipped double-Q, with the dep actor (official library, DPG agent). h_next: (N, d), reward / done: (N,) -> (N, G)."""
     with torch.no_grad():
-        a_next = agent.target_actor(h_next).sample()  # (N, G): each gamma's own policy
-        q = agent.q_values(agent.target_critics, h_next, a_next[:, None])[:, 0]  # (N, G, C), denormalised
+        q = next_state_values(agent, h_next, args.actor_loss)  # (N, G, C)
         pick = torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device)
-        q_bar = q.gather(-1, pick).mean(-1)  # (N, G)
-        return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
+        q_two = q.gather(-1, pick)  # (N, G, 2)
+        q_bar = q_two.min(-1).values if args.actor_loss == "dep" else q_two.mean(-1)
+        return args.reward_multiplier * reward[:, None].float() + agent.gammas * (1 - done[:, None].float()) * q_bar
 
 
 def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -641,10 +671,9 @@ def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.T
     return -(label * out.float().log_softmax(-1)).sum(-1)
 
 
-def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Eq. 1 with PopArt: update the statistics from the valid targets, then (w x + b - (y - mu) / sigma)^2."""
-    agent.popart.update(y[valid])
-    target = (y - agent.popart.mu) / agent.popart.sigma  # (N, G)
+def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 with PopArt (statistics already updated from this batch's targets): (w x + b - (y - mu) / sigma)^2."""
+    target = agent.popart.standardized(y)  # (N, G)
     pred = agent.popart.normalized(out[..., 0].float().transpose(1, 2))  # (N, C, G)
     return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
 
@@ -672,10 +701,13 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     y = td_target(agent, h_next, batch["reward"][:, 1:].reshape(N).float(), batch["terminal"][:, 1:].reshape(N).float(), args)
     out = agent.critics(h_t, action_features(action, agent.action_dim))[:, 0]  # (N, G, C, out)
     valid = valid.reshape(N)
+    # global PopArt statistics follow the TD targets on every update, whatever the critic: the dep critic is
+    # their output layer (Eq. 1) and the dep actor standardises Q by them (Eq. 2, paper App. B)
+    agent.popart.update(y[valid])
     if args.critic_loss == "ind":
         critic = critic_loss_ind(agent, out, y)
     else:
-        critic = critic_loss_dep(agent, out, y, valid)
+        critic = critic_loss_dep(agent, out, y)
 
     dist = agent.actor(h_t)  # G distributions over (N,)
     if args.actor_loss == "ind":
@@ -683,7 +715,7 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
         a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
         actor = -keep * dist.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
     else:
-        actor = dpg_actor_loss(agent, h_t, dist, args.critic_loss)
+        actor = dpg_actor_loss(agent, h_t, dist)
 
     def masked_mean(x):  # mean over valid transitions (filtered CRR steps stay in the denominator)
         return (x.reshape(N, -1).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
@@ -827,7 +859,8 @@ def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     state = {
         "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "counters": counters, "buffer": snapshot, "args": asdict(args),
-        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
@@ -846,6 +879,8 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     random.setstate(state["rng"]["python"])
     rng.bit_generator.state = state["rng"]["numpy"]
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():  # a GPU run's sampling continues where it stopped
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["counters"]
 
 
@@ -949,7 +984,8 @@ if __name__ == "__main__":
         agent.eval()
         for _ in range(args.steps_per_epoch):
             actions = rollouts.act(agent)
-            actions = explore(actions, epsilon(args, counters["global_step"]) * eps_mult, action_space, rng, rollouts.cur["time"], args)
+            actions = explore(actions, epsilon(args, counters["global_step"]) * eps_mult, action_space, rng, rollouts.cur["time"],
+                              rollout_end_epsilon(args, counters["global_step"]) * eps_mult, args)
             finished, done = rollouts.step(actions)
             counters["global_step"] += args.num_envs
             for i, task, metrics in finished:

@@ -56,6 +56,8 @@ class Args:
     # Algorithm specific arguments
     tasks: list[str] = field(default_factory=lambda: list(POPGYM_TASKS))
     """POPGym tasks to train on, one sampled uniformly per meta-rollout (paper: all 27)"""
+    reward_scales: str = ""
+    """TASK=FACTOR list that rescales what the learner and the policy see, e.g. RepeatFirstEasy=100,HigherLowerEasy=0.01 (as paper Fig. 6 does for Procgen); reported returns stay on the default scale"""
     one_shot: bool = True
     """one-shot protocol (paper): an exploration episode whose reward is seen but not learned from, then a scored episode; --no-one-shot is the standard single-episode POPGym protocol"""
     actor_loss: Literal["ind", "dep"] = "ind"
@@ -111,7 +113,7 @@ class Args:
     crr_threshold: float = 0.0
     """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
     popart_beta: float = 5e-4
-    """PopArt statistics rate for --critic-loss dep (official library)"""
+    """rate of the global PopArt statistics: the dep critic's output layer, the dep actor's Q scale (official library)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (paper Table 1, POPGym)"""
     weight_decay: float = 1e-4
@@ -226,8 +228,10 @@ class POPGymMetaEnv(gym.Env):
     task then restarts in a new random variant (a plain reset re-draws cards, goals and noise).
     """
 
-    def __init__(self, tasks: list[str], one_shot: bool = True, task: str | None = None):
+    def __init__(self, tasks: list[str], one_shot: bool = True, task: str | None = None,
+                 reward_scales: dict[str, float] | None = None):
         self.tasks, self.one_shot, self.pinned = tasks, one_shot, task
+        self.reward_scales = dict(reward_scales or {})  # rescaled-reward experiment (paper Fig. 6, here on POPGym)
         self.envs = {name: popgym_class(name)() for name in tasks}
         self.observation_space = gym.spaces.Dict({"obs": gym.spaces.Box(-np.inf, np.inf, (OBS_PAD + 1,), np.float32)})
         self.action_space = gym.spaces.Discrete(max(num_actions(e.action_space) for e in self.envs.values()))
@@ -255,11 +259,12 @@ class POPGymMetaEnv(gym.Env):
         a = int(action) if valid else int(self.np_random.integers(n))
         if isinstance(self.env.action_space, gym.spaces.MultiDiscrete):
             a = np.array(np.unravel_index(a, self.env.action_space.nvec))
-        raw, reward, terminated, truncated, _ = self.env.step(a)
-        self.returns[-1] += float(reward)
+        raw, raw_reward, terminated, truncated, _ = self.env.step(a)
+        self.returns[-1] += float(raw_reward)  # reported on the default scale
+        reward = float(raw_reward) * self.reward_scales.get(self.task, 1.0)
         exploring = self.one_shot and self.episode == 0
-        info = {"policy_reward": float(reward), "new_episode": False}
-        learn_reward = 0.0 if exploring else float(reward)  # exploration reward: an input, never a target
+        info = {"policy_reward": reward, "new_episode": False}
+        learn_reward = 0.0 if exploring else reward  # exploration reward: an input, never a target
         if (terminated or truncated) and exploring:
             # CRUCIAL: the end of the exploration episode is not a terminal; memory carries over
             self.episode, terminated, truncated = 1, False, False
@@ -267,16 +272,21 @@ class POPGymMetaEnv(gym.Env):
             raw, _ = self.env.reset()
             info["new_episode"] = True
         if terminated or truncated:
+            # CRUCIAL: the scored episode's end is the end of the protocol, a terminal even where POPGym signals it
+            # by its time limit (truncated): nothing follows it to bootstrap from (official library: done)
+            terminated, truncated = True, False
             info["task"] = self.task
             info["metrics"] = {"return": self.returns[-1]}
             if self.one_shot:
                 info["metrics"]["explore_return"] = self.returns[0]
-        return self._obs(raw, valid), learn_reward, bool(terminated), bool(truncated), info
+        return self._obs(raw, valid), learn_reward, terminated, truncated, info
 
 
 def make_env(args: Args, env_idx: int, train: bool, task: str | None = None):
-    # seeds come from MetaRollouts.restart (train: args.seed + i, evaluation: a disjoint range)
-    return lambda: POPGymMetaEnv(args.tasks, args.one_shot, task=task)
+    # seeds come from MetaRollouts.restart (train: args.seed + i, evaluation: a disjoint range); evaluation plays the
+    # training scales too (returns are reported on the default scale either way), so the policy sees what it learnt on
+    scales = parse_reward_scales(args.reward_scales, POPGYM_TASKS)
+    return lambda: POPGymMetaEnv(args.tasks, args.one_shot, task=task, reward_scales=scales)
 
 
 def make_eval_envs(args: Args) -> list:
@@ -284,10 +294,36 @@ def make_eval_envs(args: Args) -> list:
     return [make_env(args, i, train=False, task=task) for i, task in enumerate(args.tasks)]
 
 
+def parse_reward_scales(s: str, names: list[str]) -> dict[str, float]:
+    """"a=100,b=0.1" -> {"a": 100.0, "b": 0.1} for task (or game) names; "" -> {} (every task on its own scale)."""
+    scales = {}
+    for item in filter(None, (part.strip() for part in s.split(","))):
+        name, sep, value = (x.strip() for x in item.partition("="))
+        if not sep:
+            raise ValueError(f"reward scale {item!r} is not NAME=FACTOR (example: {names[0]}=100,{names[-1]}=0.01)")
+        if name not in names:
+            raise ValueError(f"reward scale for unknown {name!r}; choose from: {', '.join(names)}")
+        if name in scales:
+            raise ValueError(f"reward scale for {name!r} given twice")
+        try:
+            scales[name] = float(value)
+        except ValueError:
+            raise ValueError(f"reward scale {item!r}: {value!r} is not a number") from None
+        if not (np.isfinite(scales[name]) and scales[name] > 0):
+            raise ValueError(f"reward scale {item!r}: the factor must be a positive finite number")
+    return scales
+
+
 def check_env_args(args: Args):
     unknown = sorted(set(args.tasks) - set(POPGYM_TASKS))
     if unknown or not args.tasks:
         fail(f"unknown POPGym task(s) {unknown or args.tasks}; choose from: {', '.join(POPGYM_TASKS)}")
+    try:
+        scales = parse_reward_scales(args.reward_scales, POPGYM_TASKS)
+    except ValueError as e:
+        fail(f"--reward-scales: {e}")
+    if set(scales) - set(args.tasks):
+        fail(f"--reward-scales names task(s) not trained on: {sorted(set(scales) - set(args.tasks))}")
 
 
 def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -374,17 +410,32 @@ class Actor(nn.Module):
         return torch.distributions.Categorical(probs=probs / probs.sum(-1, keepdim=True))
 
 
-def dpg_actor_loss(agent, h: torch.Tensor, dist, critic_loss: str) -> torch.Tensor:
-    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions. Returns (N, G).
+def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
+    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions, with Q standardised by
+    the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
 
     CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor
     (and, through the actor head, the Transformer) and never the critics.
     """
     with torch.no_grad():
         all_actions = torch.arange(agent.action_dim, device=h.device).view(1, -1, 1).expand(h.shape[0], -1, 1)
-        q = agent.q_values(agent.critics, h.detach(), all_actions, normalized=critic_loss == "dep")  # (N, A, G, C)
+        q = agent.q_values(agent.critics, h.detach(), all_actions, standardized=True)  # (N, A, G, C)
         q = q.min(-1).values.transpose(1, 2)  # (N, G, A): pessimistic over the ensemble
     return -(dist.probs * q).sum(-1)
+
+
+def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
+    """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad.
+
+    As in the official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
+    sum_a pi'(a|h') Q_c(h', a); for the ind actor (its multi-task agent) the value of one sampled a' ~ pi'.
+    """
+    dist = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
+    if actor_loss == "dep":
+        all_actions = torch.arange(agent.action_dim, device=h_next.device).view(1, -1, 1).expand(h_next.shape[0], -1, 1)
+        q = agent.q_values(agent.target_critics, h_next, all_actions)  # (N, A, G, C)
+        return (dist.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1)
+    return agent.q_values(agent.target_critics, h_next, dist.sample()[:, None])[:, 0]
 
 
 def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
@@ -397,9 +448,9 @@ def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.D
 class SigmaReparamLinear(nn.Module):
     """sigma-reparam: effective weight (g / sigma(W)) W, sigma(W) from one power-iteration step per training forward."""
 
-    def __init__(self, d_in: int, d_out: int):
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
         super().__init__()
-        layer = nn.Linear(d_in, d_out)
+        layer = nn.Linear(d_in, d_out, bias=bias)
         self.weight, self.bias = layer.weight, layer.bias
         self.gain = nn.Parameter(torch.ones(()))
         self.register_buffer("u", F.normalize(torch.randn(d_out), dim=0))
@@ -412,7 +463,8 @@ class SigmaReparamLinear(nn.Module):
                 self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
         sigma = self.u @ self.weight @ self.v
         # ((g / sigma) W) x == (g / sigma) (W x): scaling the output avoids materialising a new weight
-        return F.linear(x, self.weight) * (self.gain / sigma) + self.bias
+        out = F.linear(x, self.weight) * (self.gain / sigma)
+        return out if self.bias is None else out + self.bias
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -423,13 +475,14 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU."""
+    """Pre-norm causal layer with NormFormer's extra norms and head scales, sigma-reparam linears, LeakyReLU.
+    As in the official library: qkv without bias, dropout only on the feed-forward output."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
         super().__init__()
         self.n_heads = n_heads
         self.norm_attn_in, self.norm_attn_out = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model), SigmaReparamLinear(d_model, d_model)
+        self.qkv, self.attn_out = SigmaReparamLinear(d_model, 3 * d_model, bias=False), SigmaReparamLinear(d_model, d_model)
         self.head_scale = nn.Parameter(torch.ones(n_heads))  # NormFormer: learnable per-head scale
         self.norm_ff_in, self.norm_ff_mid = nn.LayerNorm(d_model), nn.LayerNorm(d_ff)
         self.ff1, self.ff2 = SigmaReparamLinear(d_model, d_ff), SigmaReparamLinear(d_ff, d_model)
@@ -444,8 +497,8 @@ class TransformerLayer(nn.Module):
             k, v, valid = cache.write(self, k, v)
             a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=valid)
         a = (a * self.head_scale.view(1, -1, 1, 1)).transpose(1, 2).reshape(B, L, D)
-        x = x + self.dropout(self.norm_attn_out(self.attn_out(a)))  # NormFormer: LayerNorm after attention
-        f = self.ff2(self.dropout(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x))))))
+        x = x + self.norm_attn_out(self.attn_out(a))  # NormFormer: LayerNorm after attention
+        f = self.ff2(self.norm_ff_mid(F.leaky_relu(self.ff1(self.norm_ff_in(x)))))  # NormFormer: LayerNorm inside FF
         return x + self.dropout(f)
 
 
@@ -545,7 +598,8 @@ class CriticEnsemble(nn.Module):
 
 
 class PopArt(nn.Module):
-    """One global (task-agnostic) PopArt layer per gamma for --critic-loss dep (paper App. B).
+    """One global (task-agnostic) PopArt layer per gamma (paper App. B): the output layer of the scalar critics of
+    --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic.
 
     Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed
     w, b are rescaled so the denormalised output sigma * (w x + b) + mu is unchanged.
@@ -556,7 +610,9 @@ class PopArt(nn.Module):
         self.beta = beta
         for name, init in [("mu", 0.0), ("nu", 100.0), ("w", 1.0), ("b", 0.0)]:
             self.register_buffer(name, torch.full((num_gammas,), init))
-        self.register_buffer("updates", torch.zeros(()))
+        # the official library's step counter starts at 1, so the first update has t = 2 and beta_t ~ 1/2:
+        # the prior (mu 0, nu 100) is averaged with the first batch, not discarded
+        self.register_buffer("updates", torch.ones(()))
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -567,6 +623,10 @@ class PopArt(nn.Module):
 
     def denormalized(self, x: torch.Tensor) -> torch.Tensor:
         return self.sigma * self.normalized(x) + self.mu
+
+    def standardized(self, q: torch.Tensor) -> torch.Tensor:
+        """(Q - mu) / sigma for denormalised values q: (..., G). For the dep critic this equals its normalised output."""
+        return (q - self.mu) / self.sigma
 
     @torch.no_grad()
     def update(self, y: torch.Tensor):
@@ -606,17 +666,21 @@ class Agent(nn.Module):
         tokens = self.encoder(obs, batch["prev_action"], batch["prev_reward"], batch["reset"], mask)
         return self.transformer(tokens, batch["time"])
 
-    def scalar_q(self, out: torch.Tensor, normalized: bool = False) -> torch.Tensor:
-        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C): two-hot expectation, or PopArt (normalised or not)."""
+    def scalar_q(self, out: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+        """Critic outputs (..., G, C, out) -> scalar Q (..., G, C), in fp32 (also under bf16 autocast): the two-hot
+        expectation or PopArt's denormalised output; standardized: (Q - mu) / sigma by the global PopArt statistics."""
         out = out.float()
         if out.shape[-1] > 1:
-            return bins_to_scalar(out.softmax(-1), self.bins)
-        x = out[..., 0].transpose(-1, -2)  # (..., C, G): PopArt is per gamma
-        return (self.popart.normalized(x) if normalized else self.popart.denormalized(x)).transpose(-1, -2)
+            q = bins_to_scalar(out.softmax(-1), self.bins).transpose(-1, -2)  # (..., C, G): PopArt is per gamma
+            q = self.popart.standardized(q) if standardized else q
+        else:
+            x = out[..., 0].transpose(-1, -2)
+            q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
+        return q.transpose(-1, -2)
 
-    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
-        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), normalized)
+        return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
     @torch.no_grad()
     def ema_update(self, tau: float):
@@ -627,14 +691,15 @@ class Agent(nn.Module):
 
 # ---- losses (paper Section 3; SPEC 3-4) ----
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
-    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), a' ~ target actor, Qbar = mean of 2
-    target critics drawn at random per sample. h_next: (N, d), reward / done: (N,) -> y: (N, G)."""
+    """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
+    drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,
+    clipped double-Q, with the dep actor (official library, DPG agent). h_next: (N, d), reward / done: (N,) -> (N, G)."""
     with torch.no_grad():
-        a_next = agent.target_actor(h_next).sample()  # (N, G): each gamma's own policy
-        q = agent.q_values(agent.target_critics, h_next, a_next[:, None])[:, 0]  # (N, G, C), denormalised
+        q = next_state_values(agent, h_next, args.actor_loss)  # (N, G, C)
         pick = torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device)
-        q_bar = q.gather(-1, pick).mean(-1)  # (N, G)
-        return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
+        q_two = q.gather(-1, pick)  # (N, G, 2)
+        q_bar = q_two.min(-1).values if args.actor_loss == "dep" else q_two.mean(-1)
+        return args.reward_multiplier * reward[:, None].float() + agent.gammas * (1 - done[:, None].float()) * q_bar
 
 
 def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -643,10 +708,9 @@ def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.T
     return -(label * out.float().log_softmax(-1)).sum(-1)
 
 
-def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Eq. 1 with PopArt: update the statistics from the valid targets, then (w x + b - (y - mu) / sigma)^2."""
-    agent.popart.update(y[valid])
-    target = (y - agent.popart.mu) / agent.popart.sigma  # (N, G)
+def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 with PopArt (statistics already updated from this batch's targets): (w x + b - (y - mu) / sigma)^2."""
+    target = agent.popart.standardized(y)  # (N, G)
     pred = agent.popart.normalized(out[..., 0].float().transpose(1, 2))  # (N, C, G)
     return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
 
@@ -674,10 +738,13 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     y = td_target(agent, h_next, batch["reward"][:, 1:].reshape(N).float(), batch["terminal"][:, 1:].reshape(N).float(), args)
     out = agent.critics(h_t, action_features(action, agent.action_dim))[:, 0]  # (N, G, C, out)
     valid = valid.reshape(N)
+    # global PopArt statistics follow the TD targets on every update, whatever the critic: the dep critic is
+    # their output layer (Eq. 1) and the dep actor standardises Q by them (Eq. 2, paper App. B)
+    agent.popart.update(y[valid])
     if args.critic_loss == "ind":
         critic = critic_loss_ind(agent, out, y)
     else:
-        critic = critic_loss_dep(agent, out, y, valid)
+        critic = critic_loss_dep(agent, out, y)
 
     dist = agent.actor(h_t)  # G distributions over (N,)
     if args.actor_loss == "ind":
@@ -685,7 +752,7 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
         a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
         actor = -keep * dist.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
     else:
-        actor = dpg_actor_loss(agent, h_t, dist, args.critic_loss)
+        actor = dpg_actor_loss(agent, h_t, dist)
 
     def masked_mean(x):  # mean over valid transitions (filtered CRR steps stay in the denominator)
         return (x.reshape(N, -1).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
@@ -829,7 +896,8 @@ def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     state = {
         "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "counters": counters, "buffer": snapshot, "args": asdict(args),
-        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state()},
+        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
@@ -848,6 +916,8 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     random.setstate(state["rng"]["python"])
     rng.bit_generator.state = state["rng"]["numpy"]
     torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():  # a GPU run's sampling continues where it stopped
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["counters"]
 
 

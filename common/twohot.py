@@ -34,5 +34,10 @@ def twohot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 
 def bins_to_scalar(probs: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Scalar value of a bin distribution: the expectation in symlog space, then symexp. (..., B) -> (...)."""
-    return symexp(probs @ bins)
+    """Scalar value of a bin distribution: the expectation in symlog space, then symexp. (..., B) -> (...).
+
+    Always fp32, also under bf16 autocast (which would run the matmul in bf16): a bf16 expectation in symlog
+    space is off by percents at Q ~ 1e3-1e4, enough to flip the sign of small CRR advantages."""
+    dtype = torch.promote_types(probs.dtype, torch.float32)  # bf16 -> fp32; fp64 stays fp64
+    with torch.autocast(probs.device.type, enabled=False):
+        return symexp(probs.to(dtype) @ bins.to(dtype))

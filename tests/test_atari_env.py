@@ -286,9 +286,11 @@ def test_encoder_output_shape_and_layernorm():
     # final LayerNorm at init: every token has mean 0 and std 1 over features
     assert torch.allclose(out.mean(-1), torch.zeros(2, 3), atol=1e-5)
     assert torch.allclose(out.std(-1, unbiased=False), torch.ones(2, 3), atol=1e-3)
-    # IMPALA 16, 32, 32 on 84x84 -> 32 x 11 x 11 features
-    assert enc.image_proj[0].in_features == 32 * 11 * 11
-    assert sum(isinstance(m, torch.nn.GroupNorm) for m in enc.modules()) == 3
+    # IMPALA 16, 32, 32 on 84x84, unpadded max-pools as the official library: 84 -> 41 -> 20 -> 9, 32 x 9 x 9 features
+    assert enc.image_proj[0].in_features == 32 * 9 * 9
+    assert enc.cnn[:-1](torch.zeros(1, 3, 84, 84)).shape == (1, 32, 9, 9)
+    # GroupNorm on every residual sum (official library): 3 blocks x 2 residual blocks
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in enc.modules()) == 6
 
 
 def test_encoder_tokens_are_per_timestep_and_use_the_rl2_inputs():

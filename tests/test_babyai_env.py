@@ -41,6 +41,7 @@ def test_split_sizes_and_disjoint():
     assert len(ab.TRAIN_TASKS) == len(set(ab.TRAIN_TASKS)) == 50
     assert len(ab.TEST_TASKS) == len(set(ab.TEST_TASKS)) == 18
     assert not set(ab.TRAIN_TASKS) & set(ab.TEST_TASKS)
+    assert ab.TRAIN_SEED_RANGE == (0, 5_000)  # the authors' launch script: train layouts from [0, 5000)
     assert ab.TRAIN_SEED_RANGE[1] <= ab.EVAL_SEED_RANGE[0]
 
 
@@ -68,7 +69,8 @@ def test_every_task_builds_and_its_missions_fit():
 
 
 def test_time_limit_boundaries_and_metrics():
-    # GoToObjS4 has max_steps 16: with k = 3 attempts, boundaries after steps 16 and 32, truncation at step 48.
+    # GoToObjS4 has max_steps 16: with k = 3 attempts, boundaries after steps 16 and 32, and the protocol's end at
+    # step 48, a terminal although the last attempt only ran out of time (official library: done).
     env = ab.BabyAIMetaEnv(train=False, task="GoToObjS4", k_episodes=3, seed=1)
     obs, _ = env.reset()
     assert env.env.unwrapped.max_steps == 16 and obs["progress"][0] == 0.0
@@ -81,7 +83,7 @@ def test_time_limit_boundaries_and_metrics():
             assert obs["progress"][0] == 0.0  # first obs of the next attempt
         else:
             assert obs["progress"][0] == pytest.approx((t % 16 or 16) / 16)
-        assert (terminated, truncated) == ((False, True) if t == 48 else (False, False))
+        assert (terminated, truncated) == ((True, False) if t == 48 else (False, False))
         assert ("metrics" in info) == (t == 48) and ("task" in info) == (t == 48)
     assert boundaries == [16, 32]
     assert info["task"] == "test/GoToObjS4"  # a held-out task: logged as eval/test/GoToObjS4/...
@@ -110,6 +112,8 @@ def test_same_layout_every_attempt_and_success_terminates():
     assert sum(i["new_episode"] for i in infos) == 1 and len(firsts) == 2
     for key in ("image", "direction", "mission", "progress"):
         np.testing.assert_array_equal(firsts[0][key], firsts[1][key])
+    # the attempt index / k is what tells attempt 2's first observation from attempt 1's (official library)
+    assert firsts[0]["attempt"][0] == 0.5 and firsts[1]["attempt"][0] == 1.0  # 1/k, 2/k
     np.testing.assert_array_equal(grids[0], grids[1])
     assert starts[0] == starts[1]
     m = info["metrics"]
@@ -270,7 +274,7 @@ def test_encoder_no_action_is_zeros_and_mask_is_accepted():
     enc.extras[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     mask = torch.ones(2, 3, dtype=torch.bool)
     out = enc(obs, prev_action, prev_reward, reset, mask)  # the core's call: mask is accepted, and unused
-    x = seen[0].reshape(2, 3, -1)[..., 5:12]  # [direction (4), progress (1), prev action (7), reward, reset]
+    x = seen[0].reshape(2, 3, -1)[..., 6:13]  # [direction (4), progress, attempt, prev action (7), reward, reset]
     assert torch.isfinite(out).all() and (x[:, 0] == 0).all()
     assert (x[:, 1:].sum(-1) == 1).all() and (x[:, 1:].argmax(-1) == prev_action[:, 1:]).all()
     torch.testing.assert_close(enc(obs, prev_action, prev_reward, reset, ~mask), out)
@@ -287,13 +291,13 @@ def test_encoder_mission_ignores_padding_and_batch_mates():
                 one = enc({k: v[b:b + 1, t:t + 1] for k, v in obs.items()}, prev_action[b:b + 1, t:t + 1],
                           prev_reward[b:b + 1, t:t + 1], reset[b:b + 1, t:t + 1])
                 torch.testing.assert_close(one[0, 0], full[b, t])
-    # the mission vector is the GRU state after the last real word: the unpadded sequence gives the same one
+    # the mission vector is the RNN state after the last real word: the unpadded sequence gives the same one
     tokens = torch.as_tensor(np.stack([ab.tokenize("go to the red ball"), ab.tokenize("pick up a key"),
                                        ab.tokenize("go to the red ball")]))
     with torch.no_grad():
         feats = enc.mission_features(tokens)
         for row, n in ((0, 5), (1, 4), (2, 5)):
-            _, h = enc.gru(enc.word_embed(tokens[None, row, :n]))
+            _, h = enc.rnn(enc.word_embed(tokens[None, row, :n]))
             torch.testing.assert_close(feats[row], h[0, 0])
-        out, _ = enc.gru(enc.word_embed(tokens[None, 0]))
+        out, _ = enc.rnn(enc.word_embed(tokens[None, 0]))
         assert not torch.allclose(out[0, -1], feats[0])  # running on through the padding would differ

@@ -82,7 +82,7 @@ def test_mode_defaults_and_overrides():
 
 @pytest.mark.parametrize("flags,message", [
     (["--games", "coinrun", "pong"], "unknown Procgen game"),
-    (["--reward-scales", "coinrun:100"], "is not GAME=FACTOR"),
+    (["--reward-scales", "coinrun:100"], "is not NAME=FACTOR"),
     (["--reward-scales", "maze=2"], "names game(s) not played"),
     (["--context-len", "0"], "--context-len must be positive"),
     (["--impala-channels", "4", "6", "4"], "--impala-channels must be positive multiples of 4"),

@@ -23,6 +23,7 @@ from amago2_metaworld import (  # noqa: E402
     make_env,
     make_eval_envs,
     metaworld_benchmark,
+    rollout_end_epsilon,
     summarize_eval,
 )
 
@@ -63,12 +64,13 @@ def test_spaces_and_reset(ml1_env):
 
 def test_episode_boundaries_and_flags(ml1_env):
     steps = rollout(ml1_env, seed=2)
-    assert len(steps) - 1 == K * EP_LEN  # truncated exactly at step k * episode_length
+    assert len(steps) - 1 == K * EP_LEN  # the protocol ends exactly at step k * episode_length
     flags = [s["info"]["new_episode"] for s in steps[1:]]
     expected = [(t % EP_LEN == 0) and t < K * EP_LEN for t in range(1, K * EP_LEN + 1)]
     assert flags == expected  # True exactly at the K-1 inner boundaries
-    assert not any(s["terminated"] for s in steps)
-    assert [s["truncated"] for s in steps[1:]] == [False] * (K * EP_LEN - 1) + [True]
+    # the k-th episode's end is a terminal (official library), never a truncation; inner ends are neither
+    assert not any(s["truncated"] for s in steps)
+    assert [s["terminated"] for s in steps[1:]] == [False] * (K * EP_LEN - 1) + [True]
     for s in steps[1:]:
         assert s["info"]["policy_reward"] == s["reward"]
     # task / metrics only at the end of the meta-rollout
@@ -182,7 +184,7 @@ def test_make_env_vector():
     assert [e.np_random is not None for e in envs.envs] == [True, True]
     for _ in range(2 * 500):
         obs, rew, term, trunc, info = envs.step(envs.action_space.sample())
-    assert trunc.all() and not term.any()
+    assert term.all() and not trunc.any()  # the k-th episode ends the protocol: a terminal
     assert list(info["task"]) == ["push-v3", "push-v3"]
     assert info["metrics"]["success"].shape == (2,)
     envs.close()
@@ -302,7 +304,7 @@ def test_dpg_actor_loss_trains_actor_not_critics(critic_loss):
     batch = {"obs": torch.randn(B, L, 39), "prev_action": torch.rand(B, L, 4) * 2 - 1, "prev_reward": torch.rand(B, L),
              "reset": torch.zeros(B, L), "time": torch.arange(L).expand(B, L)}
     h = agent.states(batch).reshape(B * L, -1)
-    loss = dpg_actor_loss(agent, h, agent.actor(h), critic_loss)
+    loss = dpg_actor_loss(agent, h, agent.actor(h))
     assert loss.shape == (B * L, len(args.gammas))
     loss.mean().backward()
     assert all(p.grad is None or not p.grad.any() for p in agent.critics.parameters())
@@ -311,15 +313,24 @@ def test_dpg_actor_loss_trains_actor_not_critics(critic_loss):
 
 
 def test_explore_noise_decays_within_the_rollout_and_clips():
-    args = Args(k_episodes=3, episode_length=500, eps_rollout_end=0.2)
+    args = Args(k_episodes=3, episode_length=500)
     space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
     rng = np.random.default_rng(0)
     E = 20_000
     actions = np.zeros((E, 4), np.float32)
-    for t, expected_std in [(0, 0.3), (750, 0.3 * 0.6), (1499, 0.3 * (1 - 0.8 * 1499 / 1500))]:
-        out = explore(actions, np.full(E, 0.3), space, rng, np.full(E, t), args)
+    for t, expected_std in [(0, 0.3), (750, 0.3 + (0.05 - 0.3) * 0.5), (1499, 0.3 + (0.05 - 0.3) * 1499 / 1500)]:
+        out = explore(actions, np.full(E, 0.3), space, rng, np.full(E, t), np.full(E, 0.05), args)
         assert out.dtype == np.float32 and out.shape == (E, 4)
         assert out.std() == pytest.approx(expected_std, rel=0.03)
-    out = explore(np.full((E, 4), 0.9, np.float32), np.ones(E), space, rng, np.zeros(E), args)
+    out = explore(np.full((E, 4), 0.9, np.float32), np.ones(E), space, rng, np.zeros(E), np.ones(E), args)
     assert out.max() == 1.0 and out.min() >= -1.0  # clipped to the action box
-    np.testing.assert_array_equal(explore(actions, np.zeros(E), space, rng, np.zeros(E), args), actions)  # epsilon 0
+    zero = np.zeros(E)
+    np.testing.assert_array_equal(explore(actions, zero, space, rng, zero, zero, args), actions)  # epsilon 0
+
+
+def test_rollout_end_epsilon_anneals_from_eps_end_to_the_floor():
+    """Official library: the last step's noise starts at 0.05 and falls at epsilon's rate (0.95 per anneal) to 0.01."""
+    args = Args(num_envs=2, eps_anneal_steps=1000)
+    assert rollout_end_epsilon(args, 0) == pytest.approx(0.05)
+    assert rollout_end_epsilon(args, 2 * 20) == pytest.approx(0.05 - 0.95 * 20 / 1000)  # 20 steps per env
+    assert rollout_end_epsilon(args, 2 * 1000) == pytest.approx(0.01)

@@ -57,7 +57,21 @@ def test_one_shot_protocol():
     assert all(r == 0.0 for r, _ in episode_one_rewards)
     assert any(p != 0.0 for _, p in episode_one_rewards)
     assert boundary == 51 and step == 102  # RepeatFirstEasy: 51 steps per episode, two episodes
+    assert terminated and not truncated
     assert set(info["metrics"]) == {"return", "explore_return"} and info["task"] == "RepeatFirstEasy"
+
+
+@pytest.mark.parametrize("one_shot", [True, False])
+def test_protocol_end_is_a_terminal_even_on_a_time_limit(one_shot):
+    """MultiarmedBanditEasy ends every episode by its 200-step time limit (truncated); the end of the protocol is a
+    terminal all the same (official library: done), so the critic never bootstraps past the scored episode."""
+    env = A.POPGymMetaEnv(["MultiarmedBanditEasy"], one_shot=one_shot)
+    env.reset(seed=0)
+    flags = []
+    while not (flags and any(flags[-1])):
+        _, _, terminated, truncated, info = env.step(0)
+        flags.append((terminated, truncated))
+    assert len(flags) == (400 if one_shot else 200) and flags[-1] == (True, False)
 
 
 def test_new_variant_for_episode_two():
@@ -84,6 +98,7 @@ def test_standard_protocol_learns_from_the_only_episode():
         assert not info["new_episode"] and r == info["policy_reward"]
         rewards.append(r)
         done = term or trunc
+    assert term and not trunc  # the only episode's end is the protocol's end: a terminal
     assert info["metrics"]["return"] == pytest.approx(sum(rewards)) and "explore_return" not in info["metrics"]
 
 
@@ -101,8 +116,12 @@ def test_popart_preserves_outputs():
 
 def test_popart_statistics_bias_corrected():
     popart = A.PopArt(1, beta=5e-4)
-    popart.update(torch.full((8, 1), 3.0))  # first update: beta_1 = 1, statistics jump to the batch
-    assert popart.mu.item() == pytest.approx(3.0, rel=1e-3) and popart.nu.item() == pytest.approx(9.0, rel=1e-3)  # float32
+    # the official library's counter starts at 1: the first update has t = 2, beta_t = beta / (1 - (1 - beta)^2)
+    # = 1 / (2 - beta) ~ 0.5, so the prior (mu 0, nu 100) is averaged with the batch, not discarded
+    popart.update(torch.full((8, 1), 3.0))
+    beta_t = 1 / (2 - 5e-4)
+    assert popart.mu.item() == pytest.approx(3.0 * beta_t, rel=1e-3)  # float32 statistics
+    assert popart.nu.item() == pytest.approx(100.0 + beta_t * (9.0 - 100.0), rel=1e-3)
 
 
 def make_agent(**kw):
@@ -270,3 +289,113 @@ def test_chunked_no_grad_critic_equals_one_pass():
     with torch.no_grad():
         chunked = ens(h, a, chunk_rows=12)  # 2 states per chunk
     assert torch.allclose(whole, chunked, atol=1e-6)
+
+
+# ---- faithfulness fixes (issue 9): each test has a known answer ----
+def test_dpg_with_twohot_critic_is_standardised_by_popart():
+    """Eq. 2 for the ind critic: -sum_a pi(a|h) min_c (Q_c(h, a) - mu) / sigma, with the global PopArt statistics."""
+    agent, args = make_agent(actor_loss="dep", critic_loss="ind")
+    agent.popart.mu.fill_(300.0)
+    agent.popart.nu.fill_(300.0**2 + 50.0**2)  # sigma = 50
+    torch.manual_seed(0)
+    h = torch.randn(5, args.d_model)
+    dist = agent.actor(h)
+    loss = A.dpg_actor_loss(agent, h, dist)  # (N, G)
+    with torch.no_grad():
+        per_action = []
+        for a in range(agent.action_dim):
+            q = agent.q_values(agent.critics, h, torch.full((5, 1, 1), a))[:, 0]  # (N, G, C), raw symexp values
+            per_action.append(((q - 300.0) / 50.0).min(-1).values)
+        expected = -(dist.probs * torch.stack(per_action, -1)).sum(-1)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("critic_loss", ["ind", "dep"])
+def test_popart_statistics_follow_td_targets_for_every_critic(critic_loss):
+    agent, args = make_agent(critic_loss=critic_loss)
+    batch = random_batch(agent, args)
+    A.compute_losses(agent, batch, args)
+    assert agent.popart.updates.item() == 2  # one update (the counter starts at 1)
+    assert (agent.popart.mu != 0).all()  # moved half way towards the mean TD target of each gamma
+
+
+def test_scalar_q_is_fp32_under_bf16_autocast():
+    """The two-hot expectation under CPU bf16 autocast equals fp32 to 1e-3 relative for Q of 1e3-1e4."""
+    agent, _ = make_agent(num_bins=64)
+    torch.manual_seed(0)
+    logits = torch.randn(200, 7, 4, 64)
+    target_bin = torch.randint(50, 57, (200, 7, 4, 1))  # bins at symlog(Q) ~ 6.8-9.4: Q ~ 1e3-1e4
+    logits.scatter_add_(-1, target_bin, torch.full((200, 7, 4, 1), 8.0))
+    fp32 = agent.scalar_q(logits)
+    assert 1e3 < fp32.median() < 2e4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = agent.scalar_q(logits.bfloat16())
+    assert bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, agent.scalar_q(logits.bfloat16().float()), rtol=1e-3, atol=0)  # inputs rounded alike
+
+
+@pytest.mark.parametrize("actor_loss,expected", [("ind", 2.5), ("dep", 1.875)])
+def test_td_target_mean_or_clipped_min_of_two_random_critics(actor_loss, expected, monkeypatch):
+    """Target critics worth 1, 2, 3, 4: the mean of 2 drawn with replacement averages 2.5 (ind actor); their min
+    (clipped double-Q with the dep actor) averages 1 + (3/4)^2 + (2/4)^2 + (1/4)^2 = 1.875."""
+    agent, args = make_agent(actor_loss=actor_loss)
+    N, G = 20_000, len(args.gammas)
+    monkeypatch.setattr(A, "next_state_values", lambda agent, h, actor_loss: torch.arange(1.0, 5.0).expand(N, G, 4))
+    torch.manual_seed(0)
+    y = A.td_target(agent, torch.zeros(N, args.d_model), torch.zeros(N), torch.zeros(N), args)
+    q_bar = y / agent.gammas
+    assert q_bar.mean().item() == pytest.approx(expected, abs=0.02)
+
+
+def test_dep_actor_backs_up_the_expectation_over_the_target_policy():
+    """Discrete dep actor (official library's DPG agent): sum_a pi'(a|h') Q_c(h', a), no sampled a'."""
+    agent, args = make_agent(actor_loss="dep")
+    torch.manual_seed(0)
+    h = torch.randn(6, args.d_model)
+    with torch.no_grad():
+        v = A.next_state_values(agent, h, "dep")  # (N, G, C)
+        probs = agent.target_actor(h).probs  # (N, G, A)
+        q = torch.stack([agent.q_values(agent.target_critics, h, torch.full((6, 1, 1), a))[:, 0]
+                         for a in range(agent.action_dim)], -1)  # (N, G, C, A)
+    torch.testing.assert_close(v, (q * probs[:, :, None]).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_keeps_the_cuda_rng(tmp_path, monkeypatch):
+    """A GPU run saves and restores the CUDA generators too (faked here: this machine has no GPU)."""
+    agent, args = make_agent()
+    opt = torch.optim.AdamW(agent.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
+    buffer = A.ReplayBuffer({"reward": ((), np.float32)}, 100, 2)
+    rng = np.random.default_rng(0)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([7], dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    A.save_checkpoint(str(tmp_path), agent, opt, sched, buffer, {"global_step": 1}, rng, args)
+    A.load_checkpoint(str(tmp_path), agent, opt, sched, buffer, rng)
+    assert len(restored) == 1 and restored[0][0].tolist() == [7]
+
+
+def test_transformer_layer_as_the_official_library():
+    """qkv without bias; dropout only on the feed-forward output (none on the attention residual, none inside FF)."""
+    layer = A.TransformerLayer(16, 4, 32, dropout=0.5).train()
+    assert layer.qkv.bias is None and layer.attn_out.bias is not None
+    seen = {}
+    layer.ff2.register_forward_hook(lambda m, inp, out: seen.setdefault("ff2", out))
+    layer.dropout.register_forward_hook(lambda m, inp, out: seen.setdefault("dropout_inputs", []).append(inp[0]))
+    layer(torch.randn(2, 5, 16))
+    assert len(seen["dropout_inputs"]) == 1 and seen["dropout_inputs"][0] is seen["ff2"]
+
+
+def test_reward_scale_reaches_the_learner_and_the_policy_not_the_metrics():
+    plain = A.POPGymMetaEnv(["RepeatFirstEasy"], one_shot=False)
+    scaled = A.POPGymMetaEnv(["RepeatFirstEasy"], one_shot=False, reward_scales={"RepeatFirstEasy": 100.0})
+    plain.reset(seed=4)
+    scaled.reset(seed=4)
+    for _ in range(51):
+        _, r1, *_, info1 = plain.step(1)
+        _, r2, *_, info2 = scaled.step(1)
+        assert r2 == pytest.approx(100 * r1) and info2["policy_reward"] == pytest.approx(100 * info1["policy_reward"])
+    assert info2["metrics"]["return"] == pytest.approx(info1["metrics"]["return"])  # reported on the default scale
+    assert A.parse_reward_scales("RepeatFirstEasy=100, HigherLowerEasy=0.01", A.POPGYM_TASKS) == {
+        "RepeatFirstEasy": 100.0, "HigherLowerEasy": 0.01}

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import amago2_procgen as ap  # noqa: E402
 from procgen import ProcgenGym3Env  # noqa: E402
 
-B = ap.BOX_SIZE
+B = ap.BOX  # (rows 1-4, cols 1-4), the official library's box
 NOOP = 4  # procgen's action 4 presses nothing: in maze the agent stands still and no level ever ends
 
 
@@ -41,7 +41,7 @@ def level_start_frame(game: str, level: int, distribution: str) -> np.ndarray:
 
 def outside_box(frame: np.ndarray) -> np.ndarray:
     out = frame.copy()
-    out[:B, :B] = 0
+    out[B] = 0
     return out
 
 
@@ -89,9 +89,10 @@ def test_attempt_two_replays_the_same_level_with_the_box(make):
     attempt1, attempt2 = frames[:n1], frames[n1:2 * n1]
     for f1, f2 in zip(attempt1, attempt2):
         np.testing.assert_array_equal(outside_box(f1), outside_box(f2))
-    assert all((f[:B, :B] == 0).all() for f in frames[n1:])  # the box in every attempt-2 frame (and the final one)
-    assert any(f[:B, :B].any() for f in attempt1)  # ...and not forced in attempt 1
-    assert env2.env.observe()[1]["rgb"][0][:B, :B].any()  # drawn into a copy: procgen's own frame is untouched
+    assert all((f[B] == 0).all() for f in frames[n1:])  # the box in every attempt-2 frame (and the final one)
+    assert ap.BOX == (slice(1, 5), slice(1, 5))  # 4x4 at rows/cols 1-4 (official library)
+    assert any(f[B].any() for f in attempt1)  # ...and not forced in attempt 1
+    assert env2.env.observe()[1]["rgb"][0][B].any()  # drawn into a copy: procgen's own frame is untouched
     m = infos[-1]["metrics"]
     assert infos[-1]["task"] == "leaper" and m["steps"] == 2 * n1
     assert m["return_1"] == m["return_2"] == sum(rewards[:n1]) and m["return"] == sum(rewards)
@@ -140,11 +141,11 @@ def test_cap_in_attempt_two_and_next_rollout_starts_a_fresh_level(make):
     # the cap falls 3 steps before attempt 2 would end
     env = make("easy", games=["leaper"], horizon=2 * n1 - 3)
     frames, rewards, infos, terms, truncs = play(env, replay, seed=9)
-    assert len(infos) == 2 * n1 - 3 and truncs[-1] and not any(terms) and (frames[-1][:B, :B] == 0).all()
+    assert len(infos) == 2 * n1 - 3 and truncs[-1] and not any(terms) and (frames[-1][B] == 0).all()
     assert infos[-1]["metrics"]["steps"] == 2 * n1 - 3 and infos[-1]["metrics"]["return_1"] == sum(rewards[:n1])
     # the procgen env was left mid-level: the next meta-rollout must still start at the start of a level
     obs, _ = env.reset()
-    assert env.attempt == 1 and obs["image"][:B, :B].any()
+    assert env.attempt == 1 and obs["image"][B].any()
     np.testing.assert_array_equal(obs["image"], level_start_frame("leaper", env.level, "easy"))
 
 
@@ -195,13 +196,13 @@ def test_memory_hard_distributions(make):
 
 
 def test_parse_reward_scales():
-    assert ap.parse_reward_scales("coinrun=100,climber=0.1") == {"coinrun": 100.0, "climber": 0.1}
-    assert ap.parse_reward_scales(" coinrun = 100 , ") == {"coinrun": 100.0}
-    assert ap.parse_reward_scales("") == {}
-    for bad, words in [("pong=2", "unknown Procgen game"), ("coinrun", "GAME=FACTOR"), ("coinrun=abc", "not a number"),
+    assert ap.parse_reward_scales("coinrun=100,climber=0.1", ap.PROCGEN_GAMES) == {"coinrun": 100.0, "climber": 0.1}
+    assert ap.parse_reward_scales(" coinrun = 100 , ", ap.PROCGEN_GAMES) == {"coinrun": 100.0}
+    assert ap.parse_reward_scales("", ap.PROCGEN_GAMES) == {}
+    for bad, words in [("pong=2", "unknown 'pong'"), ("coinrun", "NAME=FACTOR"), ("coinrun=abc", "not a number"),
                        ("coinrun=1,coinrun=2", "twice"), ("coinrun=0", "positive"), ("coinrun=nan", "positive")]:
         with pytest.raises(ValueError, match=words):
-            ap.parse_reward_scales(bad)
+            ap.parse_reward_scales(bad, ap.PROCGEN_GAMES)
 
 
 def test_constructor_errors():
@@ -224,7 +225,7 @@ def test_make_env():
     assert train.games == ap.MODES["easy"][0] and train.horizon == 2500
     assert train.reward_scales == {"coinrun": 100.0, "climber": 0.1} and train.level_range == (0, 500)
     with ap.make_env(args, 0, train=False, task="ninja")() as evaluation:  # closes its procgen env, pass or fail
-        assert evaluation.reward_scales == {} and evaluation.pinned == "ninja"
+        assert evaluation.reward_scales == {"coinrun": 100.0, "climber": 0.1} and evaluation.pinned == "ninja"
         assert evaluation.level_range[0] == ap.EVAL_START_LEVEL
         evaluation.reset(seed=0)
         assert evaluation.game == "ninja"
