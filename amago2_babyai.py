@@ -40,6 +40,10 @@ class Args:
     """a run folder (runs/<run_name>) to continue from its last good checkpoint; its saved flags are used, --total-timesteps may be raised"""
 
     # Algorithm specific arguments
+    tasks: list[str] = field(default_factory=lambda: list(TRAIN_TASKS))
+    """training tasks, one drawn uniformly per meta-rollout (paper: the 50 training tasks of App. B)"""
+    test_tasks: list[str] = field(default_factory=lambda: list(TEST_TASKS))
+    """held-out tasks, evaluated only, never trained on (paper: the 18 held-out tasks); may be empty"""
     k_episodes: int = 2
     """attempts on the same task and layout per meta-rollout (paper Sec. 4: "two attempts")"""
     actor_loss: Literal["ind", "dep"] = "ind"
@@ -185,8 +189,9 @@ class BabyAIMetaEnv(gym.Env):
     """One episode of this env is one meta-rollout: draw a task and a layout seed, then play k_episodes attempts
     on that same layout (the minigrid env is reset with the same seed before every attempt)."""
 
-    def __init__(self, train: bool = True, task: str | None = None, k_episodes: int = 2, seed: int = 0):
-        self.tasks = [task] if task is not None else (TRAIN_TASKS if train else TEST_TASKS)
+    def __init__(self, train: bool = True, task: str | None = None, k_episodes: int = 2, seed: int = 0,
+                 tasks: list[str] | None = None):
+        self.tasks = [task] if task is not None else (tasks or (TRAIN_TASKS if train else TEST_TASKS))
         self.seed_range = TRAIN_SEED_RANGE if train else EVAL_SEED_RANGE
         self.k_episodes = k_episodes
         self.np_random = np.random.default_rng(seed)
@@ -256,7 +261,7 @@ def make_env(args: Args, env_idx: int, train: bool, task: str | None = None) -> 
     # Reads args.seed (env env_idx draws its tasks and layouts from seed + env_idx) and args.k_episodes (attempts
     # per meta-rollout). train=False draws held-out tasks (or the pinned task) on unseen layout seeds.
     def thunk():
-        return BabyAIMetaEnv(train=train, task=task, k_episodes=args.k_episodes, seed=args.seed + env_idx)
+        return BabyAIMetaEnv(train=train, task=task, k_episodes=args.k_episodes, seed=args.seed + env_idx, tasks=args.tasks)
 
     return thunk
 
@@ -265,13 +270,19 @@ def make_eval_envs(args: Args) -> list:
     """One evaluation env pinned to each training task and to each held-out task, on layout seeds that training never
     draws (train=False); with --eval-tasks-per-split n, n tasks of each list, spread evenly over it."""
     tasks = []
-    for split in (TRAIN_TASKS, TEST_TASKS):
+    for split in (args.tasks, args.test_tasks):
         n = min(args.eval_tasks_per_split or len(split), len(split))
         tasks += [split[i * len(split) // n] for i in range(n)]
     return [make_env(args, i, train=False, task=task) for i, task in enumerate(tasks)]
 
 
 def check_env_args(args: Args):
+    for flag, names, known in (("--tasks", args.tasks, TRAIN_TASKS), ("--test-tasks", args.test_tasks, TEST_TASKS)):
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            fail(f"{flag}: unknown task(s) {unknown}; choose from: {', '.join(known)}")
+    if not args.tasks:
+        fail("--tasks needs at least one training task")
     if args.k_episodes <= 0:
         fail(f"--k-episodes must be positive, got {args.k_episodes}")
     if args.eval_tasks_per_split is not None and args.eval_tasks_per_split <= 0:

@@ -54,8 +54,23 @@ def test_save_then_resume_continues(tmp_path):
     (["--context-len", "0"], "--context-len must be positive"),
     (["--k-episodes", "0"], "--k-episodes must be positive"),
     (["--eval-tasks-per-split", "0"], "--eval-tasks-per-split must be positive"),
+    (["--tasks", "GoToRedBallGrey"], "--tasks: unknown task(s) ['GoToRedBallGrey']"),  # a held-out task
+    (["--test-tasks", "NoSuchTask"], "--test-tasks: unknown task(s)"),
 ])
 def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):
     out = run([*TINY, *flags], tmp_path)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_task_subsets(tmp_path):
+    """--tasks trains on a subset; evaluation covers exactly --tasks and --test-tasks."""
+    out = run([*TINY[:-4], "--total-timesteps", "80", "--tasks", "GoToRedBallNoDists", "OneRoomS8", "--test-tasks",
+               "GoToObjS4", "--run-name", "sub"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    tags = EventAccumulator(str(tmp_path / "runs" / "sub")).Reload().Tags()["scalars"]
+    evaluated = {t.split("/")[1] if not t.startswith("eval/test/") else "test/" + t.split("/")[2]
+                 for t in tags if t.endswith("/return_1") and t.count("/") >= 2}
+    assert evaluated == {"GoToRedBallNoDists", "OneRoomS8", "test/GoToObjS4"}
+    trained = {t.split("/")[1] for t in tags if t.startswith("tasks/")}
+    assert trained <= {"GoToRedBallNoDists", "OneRoomS8"}
