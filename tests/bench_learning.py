@@ -1,0 +1,182 @@
+"""Learning benchmark (not part of pytest): run a benchmark's CPU demo for N seeds, read the TensorBoard logs, print
+a table against the random policy and write the learning-curve figure docs/figures/<benchmark>.png.
+
+    python tests/bench_learning.py popgym --seeds 2            # the README's POPGym demo, 2 seeds
+    python tests/bench_learning.py reward-scale --seeds 2      # paper Fig. 6 / 9 in miniature, on POPGym
+    python tests/bench_learning.py popgym --report-only        # redraw from the runs/ already there
+
+Each run is a subprocess with one torch thread (OMP_NUM_THREADS=1); --parallel 2 runs two at once, one per core.
+The random-policy reference is measured here, on the script's own evaluation envs and summary, with uniform
+random actions. Wall minutes are the time from a run's first to its last TensorBoard event.
+"""
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The POPGym demo: four tasks at once in the one-shot protocol, one of them a memory task (RepeatFirstEasy asks
+# for the suit of the episode's first card at every step); a cut-down model, everything else the paper's. Tasks
+# with short episodes: tasks are drawn per meta-rollout, so a 400-step MultiarmedBandit rollout would take most of
+# the data (tried first: 4 tasks with it and PositionOnlyCartPole stayed near random for 75k steps).
+POPGYM_TASKS = ["RepeatFirstEasy", "HigherLowerEasy", "MineSweeperEasy", "PositionOnlyCartPoleEasy"]
+SMALL_MODEL = ["--context-len", "64", "--batch-size", "16", "--d-model", "64", "--d-ff", "256", "--n-layers", "2",
+               "--n-heads", "4", "--d-token", "64", "--head-hidden", "64", "--learning-rate", "3e-4"]
+POPGYM_DEMO = ["--tasks", *POPGYM_TASKS, "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16",
+               *SMALL_MODEL, "--buffer-size", "400000", "--eps-anneal-steps", "4000", "--eval-every", "25000",
+               "--eval-episodes", "10"]
+
+# Paper Fig. 6 / 9 in miniature: the demo's four tasks trained with their default rewards and with two of them
+# rescaled by x100 and x0.01, for Ind/Ind and Dep/Dep, on half the demo's budget.
+REWARD_SCALE_DEMO = [*POPGYM_DEMO, "--eval-every", "20000", "--total-timesteps", "60000"]
+
+BENCHMARKS = {
+    # name: script, {config label: flags}, the TensorBoard scalar to plot and its label
+    "popgym": dict(script="amago2_popgym.py", configs={"ind/ind": [*POPGYM_DEMO, "--total-timesteps", "120000"]},
+                   metric="eval/normalised_score", label="mean normalised score (4 tasks, episode 2)"),
+    "reward-scale": dict(
+        script="amago2_popgym.py",
+        configs={
+            f"{actor}/{critic}{suffix}": [*REWARD_SCALE_DEMO, "--actor-loss", actor, "--critic-loss", critic, *scales]
+            for actor, critic in (("ind", "ind"), ("dep", "dep"))
+            for suffix, scales in (("", []), (" rescaled", ["--reward-scales", "RepeatFirstEasy=100,HigherLowerEasy=0.01"]))
+        },
+        metric="eval/normalised_score", label="mean normalised score (4 tasks, default reward scale)"),
+}
+
+
+def run_name(benchmark: str, config: str, seed: int) -> str:
+    return f"bench-{benchmark}-{config.replace('/', '').replace(' ', '-')}-s{seed}"
+
+
+def launch(script: str, flags: list, name: str, seed: int) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = open(os.path.join(ROOT, "runs", f"{name}.log"), "w")
+    cmd = [sys.executable, script, *flags, "--seed", str(seed), "--run-name", name, "--device", "cpu"]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def read_curve(name: str, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """(env steps, metric values, wall minutes) of one run's TensorBoard log."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(ROOT, "runs", name), size_guidance={"scalars": 0})
+    acc.Reload()
+    events = acc.Scalars(metric)
+    start = min(e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)[:1])
+    return np.array([e.step for e in events]), np.array([e.value for e in events]), (events[-1].wall_time - start) / 60
+
+
+def per_task_final(name: str) -> dict[str, float]:
+    """Each task's last evaluation return (POPGym: eval/<task>/return)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(os.path.join(ROOT, "runs", name), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith("eval/") and t.endswith("/return") and t.count("/") == 2]
+    return {t.split("/")[1]: acc.Scalars(t)[-1].value for t in tags}
+
+
+def random_reference(script: str, flags: list, episodes: int = 50, seed: int = 0) -> dict[str, float]:
+    """The script's evaluation summary for a policy of uniform random actions on its own evaluation envs."""
+    import gymnasium as gym
+    import tyro
+
+    module = importlib.import_module(script[:-3])
+    args = tyro.cli(module.Args, args=flags)
+    envs = [thunk() for thunk in module.make_eval_envs(args)]
+    per_task = {}
+    for i, env in enumerate(envs):
+        env.action_space.seed(seed + i)
+        for episode in range(episodes):
+            env.reset(seed=seed + 1000 * i + episode)
+            done = False
+            while not done:
+                _, _, terminated, truncated, info = env.step(env.action_space.sample())
+                done = terminated or truncated
+            per_task.setdefault(info["task"], []).append(info["metrics"])
+        env.close()
+    means = {task: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for task, ms in per_task.items()}
+    return module.summarize_eval(means) | {f"{task}/return": m["return"] for task, m in means.items() if "return" in m}
+
+
+def plot(benchmark: str, spec: dict, curves: dict, random_level: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for c, (config, runs) in enumerate(curves.items()):
+        for k, (seed, (steps, values, _)) in enumerate(sorted(runs.items())):
+            ax.plot(steps, values, color=colors[c % len(colors)], alpha=0.9, marker="o", markersize=3,
+                    linestyle="-" if k == 0 else "--", label=f"{config}, seed {seed}")
+    ax.axhline(random_level, color="grey", linestyle=":", label="random policy")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(spec["label"])
+    ax.set_title(f"{benchmark}: CPU demo ({spec['script']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.join(ROOT, "docs", "figures"), exist_ok=True)
+    path = os.path.join(ROOT, "docs", "figures", f"{benchmark}.png")
+    fig.savefig(path, dpi=120)
+    print(f"figure: {os.path.relpath(path, ROOT)}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    parser.add_argument("--seeds", type=int, default=2, help="seeds 1..N per config (default 2)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at once, one torch thread each (default 1)")
+    parser.add_argument("--report-only", action="store_true", help="read the existing runs/ instead of training")
+    opts = parser.parse_args()
+    spec = BENCHMARKS[opts.benchmark]
+    os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
+    jobs = [(config, flags, seed) for config, flags in spec["configs"].items() for seed in range(1, opts.seeds + 1)]
+    if not opts.report_only:
+        procs = {}
+        for config, flags, seed in jobs:
+            while sum(p.poll() is None for p in procs.values()) >= opts.parallel:
+                time.sleep(5)
+            name = run_name(opts.benchmark, config, seed)
+            procs[name] = launch(spec["script"], flags, name, seed)
+        failed = [name for name, p in procs.items() if p.wait() != 0]
+        if failed:
+            sys.exit(f"runs failed (see runs/<name>.log): {failed}")
+
+    first_flags = next(iter(spec["configs"].values()))
+    reference = random_reference(spec["script"], first_flags)
+    random_level = reference[spec["metric"].removeprefix("eval/")]
+    curves = {config: {} for config in spec["configs"]}
+    for config, _, seed in jobs:
+        curves[config][seed] = read_curve(run_name(opts.benchmark, config, seed), spec["metric"])
+
+    print(f"\n{opts.benchmark}: {spec['label']} (random policy {random_level:.3f})\n")
+    print("| config | seed | env steps | wall minutes | first eval | final eval |")
+    print("|---|---|---|---|---|---|")
+    for config, runs in curves.items():
+        for seed, (steps, values, minutes) in sorted(runs.items()):
+            print(f"| {config} | {seed} | {steps[-1]:,} | {minutes:.1f} | {values[0]:.3f} | {values[-1]:.3f} |")
+    tasks = sorted(k.split("/")[0] for k in reference if k.endswith("/return"))
+    if tasks:
+        print(f"\nfinal eval return per task (mean over seeds); random policy: "
+              + ", ".join(f"{t} {reference[t + '/return']:.3f}" for t in tasks) + "\n")
+        print("| config | " + " | ".join(tasks) + " |")
+        print("|---|" + "---|" * len(tasks))
+        for config in curves:
+            finals = [per_task_final(run_name(opts.benchmark, config, seed)) for seed in curves[config]]
+            print(f"| {config} | " + " | ".join(f"{np.mean([f[t] for f in finals]):.3f}" for t in tasks) + " |")
+    plot(opts.benchmark, spec, curves, random_level)
+
+
+if __name__ == "__main__":
+    main()
