@@ -410,6 +410,11 @@ class Actor(nn.Module):
         return torch.distributions.Categorical(probs=probs / probs.sum(-1, keepdim=True))
 
 
+def every_action(agent, n: int, device) -> torch.Tensor:
+    """All A discrete actions for each of n states, shaped for q_values: (n, A, 1)."""
+    return torch.arange(agent.action_dim, device=device).view(1, -1, 1).expand(n, -1, 1)
+
+
 def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
     """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions, with Q standardised by
     the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
@@ -418,8 +423,7 @@ def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
     (and, through the actor head, the Transformer) and never the critics.
     """
     with torch.no_grad():
-        all_actions = torch.arange(agent.action_dim, device=h.device).view(1, -1, 1).expand(h.shape[0], -1, 1)
-        q = agent.q_values(agent.critics, h.detach(), all_actions, standardized=True)  # (N, A, G, C)
+        q = agent.q_values(agent.critics, h.detach(), every_action(agent, len(h), h.device), standardized=True)  # (N, A, G, C)
         q = q.min(-1).values.transpose(1, 2)  # (N, G, A): pessimistic over the ensemble
     return -(dist.probs * q).sum(-1)
 
@@ -432,8 +436,7 @@ def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Ten
     """
     dist = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
     if actor_loss == "dep":
-        all_actions = torch.arange(agent.action_dim, device=h_next.device).view(1, -1, 1).expand(h_next.shape[0], -1, 1)
-        q = agent.q_values(agent.target_critics, h_next, all_actions)  # (N, A, G, C)
+        q = agent.q_values(agent.target_critics, h_next, every_action(agent, len(h_next), h_next.device))  # (N, A, G, C)
         return (dist.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1)
     return agent.q_values(agent.target_critics, h_next, dist.sample()[:, None])[:, 0]
 
@@ -699,7 +702,7 @@ def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: to
         pick = torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device)
         q_two = q.gather(-1, pick)  # (N, G, 2)
         q_bar = q_two.min(-1).values if args.actor_loss == "dep" else q_two.mean(-1)
-        return args.reward_multiplier * reward[:, None].float() + agent.gammas * (1 - done[:, None].float()) * q_bar
+        return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
 
 
 def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -916,7 +919,7 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     random.setstate(state["rng"]["python"])
     rng.bit_generator.state = state["rng"]["numpy"]
     torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():  # a GPU run's sampling continues where it stopped
+    if state["rng"].get("cuda") and torch.cuda.is_available():  # a GPU run's sampling continues where it stopped
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["counters"]
 
@@ -925,6 +928,35 @@ def fail(message: str):
     """Bad input: a clear message and exit code 2, no traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_ranges(args: Args):
+    """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
+    counts = ["total_timesteps", "num_envs", "steps_per_epoch", "buffer_size", "batch_size", "context_len", "d_token",
+              "d_model", "d_ff", "n_layers", "n_heads", "num_critics", "head_hidden", "crr_samples", "warmup_updates",
+              "eps_anneal_steps", "eval_episodes", "checkpoint_every"]
+    ranges = {name: (getattr(args, name) >= 1, "an integer >= 1") for name in counts}
+    ranges |= {
+        "updates_per_epoch": (args.updates_per_epoch >= 0, "an integer >= 0"),
+        "eval_every": (args.eval_every >= 0, "an integer >= 0 (0: only at the end)"),
+        "gammas": (len(args.gammas) > 0 and all(0 <= g < 1 for g in args.gammas), "discounts in [0, 1)"),
+        "num_bins": (args.num_bins >= 2, "an integer >= 2"),
+        "dropout": (0 <= args.dropout < 1, "in [0, 1)"),
+        "tau": (0 < args.tau <= 1, "in (0, 1]"),
+        "popart_beta": (0 < args.popart_beta <= 1, "in (0, 1]"),
+        "learning_rate": (args.learning_rate > 0, "> 0"),
+        "weight_decay": (args.weight_decay >= 0, ">= 0"),
+        "grad_clip": (args.grad_clip > 0, "> 0"),
+        "critic_weight": (args.critic_weight >= 0, ">= 0"),
+        "reward_multiplier": (args.reward_multiplier > 0, "> 0"),
+        "crr_threshold": (np.isfinite(args.crr_threshold), "a finite number"),
+        "eps_start": (0 <= args.eps_start <= 1, "in [0, 1]"),
+        "eps_end": (0 <= args.eps_end <= 1, "in [0, 1]"),
+        "log_every": (args.log_every > 0, "> 0 seconds"),
+    }
+    for name, (ok, valid) in ranges.items():
+        if not ok:  # NaN compares False: refused too
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: it must be {valid}")
 
 
 def resolve_args(args: Args) -> Args:
@@ -936,17 +968,11 @@ def resolve_args(args: Args) -> Args:
         saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
         total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved["total_timesteps"]
         args = Args(**{**saved, "resume": args.resume, "total_timesteps": total})
-    if args.context_len <= 0:
-        fail(f"--context-len must be positive, got {args.context_len}")
-    for name in ["batch_size", "num_envs", "steps_per_epoch", "total_timesteps", "d_model", "n_layers", "num_critics"]:
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_ranges(args)
     if args.d_model % args.n_heads:
         fail(f"--d-model {args.d_model} must be divisible by --n-heads {args.n_heads}")
     if args.rollout_gamma not in args.gammas:
         fail(f"--rollout-gamma {args.rollout_gamma} must be one of --gammas {args.gammas}")
-    if args.critic_loss == "ind" and args.num_bins < 2:
-        fail(f"--num-bins must be at least 2, got {args.num_bins}")
     window = args.context_len + 1
     if args.buffer_size // args.num_envs < window or args.buffer_size < args.batch_size * window:
         fail(
@@ -956,6 +982,13 @@ def resolve_args(args: Args) -> Args:
         )
     if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
         fail(f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
+    if args.buffer_dir:
+        try:
+            os.makedirs(args.buffer_dir, exist_ok=True)
+        except OSError as e:
+            fail(f"--buffer-dir {args.buffer_dir} cannot be created ({e.strerror}): choose a folder you can write to")
+        if not os.access(args.buffer_dir, os.W_OK):
+            fail(f"--buffer-dir {args.buffer_dir} is not writable: choose a folder you can write to")
     check_env_args(args)
     if not args.run_name:
         args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"

@@ -72,7 +72,7 @@ def test_capture_video(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--games", "Breakout", "NotAGame"], "unknown Atari game"),
-    (["--context-len", "0"], "--context-len must be positive"),
+    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
     (["--num-envs", "3"], "must be a multiple of the 2 games"),
     (["--buffer-size", "1000000000"], "GiB of RAM but only"),
     (["--augment-fraction", "1.5"], "--augment-fraction must be in [0, 1]"),

@@ -51,7 +51,7 @@ def test_save_then_resume_continues(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--context-len", "0"], "--context-len must be positive"),
+    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
     (["--k-episodes", "0"], "--k-episodes must be positive"),
     (["--eval-tasks-per-split", "0"], "--eval-tasks-per-split must be positive"),
     (["--tasks", "GoToRedBallGrey"], "--tasks: unknown task(s) ['GoToRedBallGrey']"),  # a held-out task

@@ -47,7 +47,7 @@ def test_save_then_resume_continues(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--ml1-task", "not-a-task-v3"], "unknown --ml1-task"),
-    (["--context-len", "0"], "--context-len must be positive"),
+    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
     (["--k-episodes", "0"], "--k-episodes must be positive"),
 ])
 def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):

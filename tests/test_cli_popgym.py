@@ -78,7 +78,7 @@ def test_resume_reproduces_the_saved_state(tmp_path):
     (["--reward-scales", "RepeatPreviousEasy:100"], "is not NAME=FACTOR"),
     (["--reward-scales", "RepeatPreviousEasy=-1"], "positive finite"),
     (["--reward-scales", "HigherLowerEasy=2"], "not trained on"),
-    (["--context-len", "0"], "--context-len must be positive"),
+    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
     (["--batch-size", "500"], "cannot serve batches"),
     (["--rollout-gamma", "0.5"], "must be one of --gammas"),
     (["--resume", "runs/nothing-here"], "no checkpoint"),

@@ -84,7 +84,7 @@ def test_mode_defaults_and_overrides():
     (["--games", "coinrun", "pong"], "unknown Procgen game"),
     (["--reward-scales", "coinrun:100"], "is not NAME=FACTOR"),
     (["--reward-scales", "maze=2"], "names game(s) not played"),
-    (["--context-len", "0"], "--context-len must be positive"),
+    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
     (["--impala-channels", "4", "6", "4"], "--impala-channels must be positive multiples of 4"),
 ])
 def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):

@@ -7,7 +7,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what legitimately differs per benchmark: flags, the env, the timestep encoder and the action distribution
 EXEMPT = {"Args", "make_env", "make_eval_envs", "check_env_args", "summarize_eval", "TimestepEncoder", "make_encoder",
-          "Actor", "action_features", "dpg_actor_loss", "next_state_values", "explore", "NO_ACTION"}
+          "Actor", "action_features", "dpg_actor_loss", "every_action", "next_state_values", "explore", "NO_ACTION"}
 
 
 def definitions(path):
