@@ -342,7 +342,7 @@ def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.
 # ======================================================================================
 # Action distribution (discrete): the actor and the two places that depend on the action type
 # ======================================================================================
-NO_ACTION = -1  # the "previous action" at a meta-rollout start: its one-hot is all zeros (SPEC 1)
+NO_ACTION = -1  # the "previous action" at a meta-rollout start: its one-hot is all zeros (paper Sec. 3: the timestep input)
 
 
 def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
@@ -648,7 +648,7 @@ class Agent(nn.Module):
                 tp.lerp_(p, tau)
 
 
-# ---- losses (paper Section 3; SPEC 3-4) ----
+# ---- losses (paper Sec. 3, Eqs. 1-4, and App. B) ----
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
     """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
     drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,

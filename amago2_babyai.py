@@ -137,7 +137,7 @@ class Args:
 # ======================================================================================
 # Environment: multi-task BabyAI, one gymnasium episode = one meta-rollout of k attempts
 # ======================================================================================
-# The 68 single-instruction BabyAI tasks of minigrid 3.2.0 (SPEC section 6). The registry's other 28 BabyAI ids are
+# The 68 single-instruction BabyAI tasks of minigrid 3.2.0 (paper App. B). The registry's other 28 BabyAI ids are
 # left out: the multi-step families (PutNext*, PutNextLocal*, GoToSeq*, MoveTwoAcross*, OpenDoorsOrder*,
 # OpenTwoDoors, OpenRedBlueDoorsDebug) and the Synth/Boss families (Synth, SynthLoc, SynthS5R2, SynthSeq,
 # BossLevel, BossLevelNoUnlock, MiniBossLevel).
@@ -161,7 +161,7 @@ TEST_TASKS = [
 TRAIN_SEED_RANGE = (0, 5_000)
 EVAL_SEED_RANGE = (5_000, 1_000_000)
 
-# The 29 words of the 68 tasks' missions (SPEC section 6). "door," is a word of its own: missions are split on
+# The 29 words of the 68 tasks' missions (paper App. B). "door," is a word of its own: missions are split on
 # whitespace only, and OpenRedBlueDoors says "open the red door, then open the blue door".
 VOCAB = [
     "a", "ball", "behind", "blue", "box", "door", "door,", "front", "go", "green", "grey", "in", "key", "left",
@@ -369,7 +369,7 @@ def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.
 # ======================================================================================
 # Action distribution (discrete): the actor and the two places that depend on the action type
 # ======================================================================================
-NO_ACTION = -1  # the "previous action" at a meta-rollout start: its one-hot is all zeros (SPEC 1)
+NO_ACTION = -1  # the "previous action" at a meta-rollout start: its one-hot is all zeros (paper Sec. 3: the timestep input)
 
 
 def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
@@ -675,7 +675,7 @@ class Agent(nn.Module):
                 tp.lerp_(p, tau)
 
 
-# ---- losses (paper Section 3; SPEC 3-4) ----
+# ---- losses (paper Sec. 3, Eqs. 1-4, and App. B) ----
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
     """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
     drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,

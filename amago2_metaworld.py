@@ -299,7 +299,7 @@ class InputNorm(nn.Module):
 
 
 class TimestepEncoder(nn.Module):
-    """State-based timestep encoder (SPEC 1): [obs, prev action, prev reward, reset] -> norm -> MLP -> LayerNorm."""
+    """State-based timestep encoder (paper App. B): [obs, prev action, prev reward, reset] -> norm -> MLP -> LayerNorm."""
 
     def __init__(self, obs_space: gym.spaces.Dict, action_dim: int, d_out: int):
         super().__init__()
@@ -324,8 +324,8 @@ def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.
 # ======================================================================================
 # Action distribution (continuous): the actor and the places that depend on the action type
 # ======================================================================================
-NO_ACTION = 0.0  # the "previous action" at a meta-rollout start: a zero vector (SPEC 1)
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the actor's log-std is squashed into this range (SPEC 3)
+NO_ACTION = 0.0  # the "previous action" at a meta-rollout start: a zero vector (paper Sec. 3: the timestep input)
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the actor's log-std is squashed into this range (official library)
 
 
 def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
@@ -348,7 +348,7 @@ class TanhGaussian:
     def log_prob(self, action: torch.Tensor) -> torch.Tensor:
         """log pi(a) = log N(atanh a) - sum log(1 - a^2) (the tanh Jacobian). (..., G, A) -> (..., G).
 
-        Buffer actions are clamped to +-0.99 first (SPEC 3): exploration noise is clipped to the box, and at +-1
+        Buffer actions are clamped to +-0.99 first (official library): exploration noise is clipped to the box, and at +-1
         the inverse tanh is infinite."""
         a = action.float().clamp(-0.99, 0.99)
         return (self.normal.log_prob(torch.atanh(a)) - torch.log1p(-a.pow(2))).sum(-1)
@@ -654,7 +654,7 @@ class Agent(nn.Module):
                 tp.lerp_(p, tau)
 
 
-# ---- losses (paper Section 3; SPEC 3-4) ----
+# ---- losses (paper Sec. 3, Eqs. 1-4, and App. B) ----
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
     """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
     drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,

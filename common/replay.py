@@ -1,4 +1,4 @@
-"""Replay buffer of meta-rollout timesteps (SPEC section 5).
+"""Replay buffer of meta-rollout timesteps (paper App. B: sequences of l + 1 timesteps that never cross a meta-rollout).
 
 Layout: every parallel env owns one ring column of `capacity // num_envs` rows, so a meta-rollout is
 stored contiguously in its env's column and one env step is one fancy-indexed write for all envs.
