@@ -1,4 +1,5 @@
 # AMAGO-2 on multi-task POPGym (27 tasks, one-shot): results table in README.md#popgym
+import collections
 import copy
 import os
 import random
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from common.replay import ReplayBuffer
 from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
@@ -138,8 +140,8 @@ class Args:
     """environment steps between evaluations (0: only at the end)"""
     eval_episodes: int = 5
     """evaluation meta-rollouts per task"""
-    log_every: float = 30.0
-    """seconds between progress lines"""
+    log_every: float = 5.0
+    """seconds between redraws of the progress bar"""
 
     # filled in at runtime
     run_name: str = ""
@@ -887,6 +889,53 @@ def epsilon(args: Args, global_step: int) -> float:
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
+class Progress:
+    """A tqdm bar over environment steps that also shows updates, SPS, the recent return and an ETA counting the update
+    phases: the remaining steps at the measured collection rate plus the remaining updates at the measured update
+    rate ("estimating" until both have been timed). It draws at most every --log-every seconds."""
+
+    def __init__(self, args: Args, global_step: int, updates: int):
+        self.args, self.updates = args, updates
+        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
+                        mininterval=args.log_every, bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]")
+        self.collect_seconds = self.update_seconds = 0.0
+        self.collected = self.timed_updates = 0
+        self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
+
+    def collect(self, steps: int, seconds: float):
+        self.collect_seconds, self.collected = self.collect_seconds + seconds, self.collected + steps
+        self.bar.update(steps)
+        self._show()
+
+    def update(self, seconds: float):
+        self.update_seconds, self.timed_updates, self.updates = self.update_seconds + seconds, self.timed_updates + 1, self.updates + 1
+        self._show()
+        self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
+
+    def eta_seconds(self) -> float | None:
+        a = self.args
+        if not self.collected or (a.updates_per_epoch and not self.timed_updates):
+            return None
+        steps_left = max(a.total_timesteps - self.bar.n, 0)
+        epochs_left = -(-steps_left // (a.num_envs * a.steps_per_epoch))  # ceil
+        updates_left = epochs_left * a.updates_per_epoch
+        update_rate = self.timed_updates / self.update_seconds if self.timed_updates else float("inf")
+        return steps_left * self.collect_seconds / self.collected + updates_left / update_rate
+
+    def sps(self) -> float:
+        """Environment steps per second of wall time spent collecting and updating."""
+        return self.collected / max(self.collect_seconds + self.update_seconds, 1e-9)
+
+    def _show(self):
+        eta = self.eta_seconds()
+        eta = "estimating" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
+        ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
+        self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
+
+    def close(self):
+        self.bar.refresh()
+        self.bar.close()
+
 # ---- checkpoints: a run killed at any moment resumes from its last good checkpoint ----
 def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, counters: dict, rng, args: Args):
     """Buffer snapshot first, then state.pt by atomic rename (the commit point), then older snapshots are removed."""
@@ -1034,25 +1083,14 @@ if __name__ == "__main__":
     rollouts.restart(args.seed + counters["global_step"])
     eps_mult = rng.random(args.num_envs)  # each env scales epsilon by a fresh U[0, 1) draw per meta-rollout
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    start_time, start_step, last_log, recent = time.time(), counters["global_step"], 0.0, []
-
-    def log_progress(force=False):
-        global last_log
-        if not force and time.time() - last_log < args.log_every:
-            return
-        last_log = time.time()
-        done_steps = counters["global_step"] - start_step
-        sps = done_steps / max(time.time() - start_time, 1e-9)
-        eta = (args.total_timesteps - counters["global_step"]) / max(sps, 1e-9)
-        ret = f"{np.mean(recent):.3f}" if recent else "n/a"
-        print(f"step {counters['global_step']:,}/{args.total_timesteps:,} | {sps:,.0f} SPS | {counters['updates']:,} updates "
-              f"| return {ret} | ETA {eta / 3600:.1f} h", flush=True)
-        writer.add_scalar("charts/SPS", sps, counters["global_step"])
+    start_time = time.time()
+    progress = Progress(args, counters["global_step"], counters["updates"])
 
     while counters["global_step"] < args.total_timesteps:
         # ---- collect: steps_per_epoch steps in every env ----
         agent.eval()
         for _ in range(args.steps_per_epoch):
+            step_start = time.time()
             actions = rollouts.act(agent)
             actions = explore(actions, epsilon(args, counters["global_step"]) * eps_mult, action_space, rng)
             finished, done = rollouts.step(actions)
@@ -1061,18 +1099,20 @@ if __name__ == "__main__":
                 for k, v in metrics.items():
                     writer.add_scalar(f"tasks/{task}/{k}", v, counters["global_step"])
                 writer.add_scalar("charts/return", metrics["return"], counters["global_step"])
-                recent = (recent + [metrics["return"]])[-100:]
+                progress.recent.append(metrics["return"])
             if done.any():
                 eps_mult[done] = rng.random(int(done.sum()))
-            log_progress()
+            progress.collect(args.num_envs, time.time() - step_start)
             if counters["global_step"] >= args.total_timesteps:
                 break
         writer.add_scalar("charts/epsilon", epsilon(args, counters["global_step"]), counters["global_step"])
+        writer.add_scalar("charts/SPS", progress.sps(), counters["global_step"])
 
         # ---- update: updates_per_epoch gradient steps on windows of l+1 timesteps ----
         agent.train()
         update_start = time.time()
         for _ in range(args.updates_per_epoch):
+            update_step_start = time.time()
             batch = buffer.sample(args.batch_size, args.context_len + 1, rng)
             batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             with autocast:
@@ -1088,7 +1128,7 @@ if __name__ == "__main__":
             scheduler.step()
             agent.ema_update(args.tau)
             counters["updates"] += 1
-            log_progress()  # long update phases (CPU, paper sizes) keep reporting
+            progress.update(time.time() - update_step_start)  # long update phases (CPU, paper sizes) keep reporting
         if args.updates_per_epoch:
             step = counters["global_step"]
             for k, v in metrics.items():
@@ -1096,7 +1136,6 @@ if __name__ == "__main__":
             writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
             writer.add_scalar("charts/updates_per_second", args.updates_per_epoch / (time.time() - update_start), step)
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
-            log_progress()
 
         # ---- evaluate and checkpoint at epoch boundaries ----
         final = counters["global_step"] >= args.total_timesteps
@@ -1117,7 +1156,7 @@ if __name__ == "__main__":
             save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, counters, rng, args)
             print(f"checkpoint: {run_dir}/checkpoint at step {counters['global_step']:,}", flush=True)
 
-    log_progress(force=True)
+    progress.close()
     print(f"done: {counters['global_step']:,} steps, {counters['updates']:,} updates in {(time.time() - start_time) / 60:.1f} min; "
           f"TensorBoard: tensorboard --logdir runs")
     envs.close()
