@@ -1139,6 +1139,7 @@ if __name__ == "__main__":
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start_time = time.time()
     progress = Progress(args, counters["global_step"], counters["updates"])
+    summary = {}  # the last evaluation's summary, for the final line
 
     while counters["global_step"] < args.total_timesteps:
         # ---- collect: steps_per_epoch steps in every env ----
@@ -1218,7 +1219,7 @@ if __name__ == "__main__":
 
     progress.close()
     print(f"done: {counters['global_step']:,} steps, {counters['updates']:,} updates in {(time.time() - start_time) / 60:.1f} min; "
-          f"TensorBoard: tensorboard --logdir runs")
+          f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs")
     envs.close()
     eval_envs.close()
     writer.close()

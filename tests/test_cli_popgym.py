@@ -22,6 +22,7 @@ def test_loss_combinations_run(actor_loss, critic_loss, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "done: 160 steps, 4 updates" in out.stdout
     assert "eval: return_mean" in out.stdout
+    assert "; final eval: return_mean " in out.stdout.splitlines()[-1]  # the summary line ends with the eval score
 
 
 def test_full_recompute_bf16_async(tmp_path):
