@@ -1148,14 +1148,14 @@ if __name__ == "__main__":
             summary = summarize_eval(per_task)
             for k, v in summary.items():
                 writer.add_scalar(f"eval/{k}", v, counters["global_step"])
-            print("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()), flush=True)
+            tqdm.write("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))  # a line of its own, above the bar
             while counters["next_eval"] <= counters["global_step"]:
                 counters["next_eval"] += args.eval_every or args.total_timesteps
         if args.save_model and (counters["global_step"] >= counters["next_checkpoint"] or final):
             while counters["next_checkpoint"] <= counters["global_step"]:
                 counters["next_checkpoint"] += args.checkpoint_every
             save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, counters, rng, args)
-            print(f"checkpoint: {run_dir}/checkpoint at step {counters['global_step']:,}", flush=True)
+            tqdm.write(f"checkpoint: {run_dir}/checkpoint at step {counters['global_step']:,}")
 
     progress.close()
     print(f"done: {counters['global_step']:,} steps, {counters['updates']:,} updates in {(time.time() - start_time) / 60:.1f} min; "

@@ -174,13 +174,13 @@ def main():
 
     print(f"\n{opts.benchmark}: {spec['label']} (random policy {random_level:.3f})\n")
     extra = spec.get("extra", [])
-    print("| config | seed | env steps | wall minutes | first eval | final eval | " + " | ".join(extra) + " |")
+    print("| config | seed | env steps | wall minutes | first eval | final eval |" + "".join(f" {t} |" for t in extra))
     print("|---|---|---|---|---|---|" + "---|" * len(extra))
     for config, runs in curves.items():
         for seed, (steps, values, minutes) in sorted(runs.items()):
             finals = [read_curve(run_name(opts.benchmark, config, seed), tag)[1][-1] for tag in extra]
-            print(f"| {config} | {seed} | {steps[-1]:,} | {minutes:.1f} | {values[0]:.3f} | {values[-1]:.3f} | "
-                  + " | ".join(f"{v:.3f}" for v in finals) + " |")
+            print(f"| {config} | {seed} | {steps[-1]:,} | {minutes:.1f} | {values[0]:.3f} | {values[-1]:.3f} |"
+                  + "".join(f" {v:.3f} |" for v in finals))
     if extra:
         print("random policy: " + ", ".join(f"{tag} {reference[tag.removeprefix('eval/')]:.3f}" for tag in extra))
     tasks = sorted(k.split("/")[0] for k in reference if k.endswith("/return"))
