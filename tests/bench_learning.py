@@ -11,6 +11,7 @@ random actions. Wall minutes are the time from a run's first to its last TensorB
 """
 
 import argparse
+import functools
 import importlib
 import os
 import subprocess
@@ -76,12 +77,17 @@ def launch(script: str, flags: list, name: str, seed: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def read_curve(name: str, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """(env steps, metric values, wall minutes) of one run's TensorBoard log."""
+@functools.cache
+def scalars(name: str):
+    """One run's TensorBoard scalars, read once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(os.path.join(ROOT, "runs", name), size_guidance={"scalars": 0})
-    acc.Reload()
+    return EventAccumulator(os.path.join(ROOT, "runs", name), size_guidance={"scalars": 0}).Reload()
+
+
+def read_curve(name: str, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """(env steps, metric values, wall minutes) of one run's TensorBoard log."""
+    acc = scalars(name)
     events = acc.Scalars(metric)
     start = min(e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)[:1])
     return np.array([e.step for e in events]), np.array([e.value for e in events]), (events[-1].wall_time - start) / 60
@@ -89,17 +95,13 @@ def read_curve(name: str, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
 
 def per_task_final(name: str) -> dict[str, float]:
     """Each task's last evaluation return (POPGym: eval/<task>/return)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(os.path.join(ROOT, "runs", name), size_guidance={"scalars": 0})
-    acc.Reload()
+    acc = scalars(name)
     tags = [t for t in acc.Tags()["scalars"] if t.startswith("eval/") and t.endswith("/return") and t.count("/") == 2]
     return {t.split("/")[1]: acc.Scalars(t)[-1].value for t in tags}
 
 
 def random_reference(script: str, flags: list, episodes: int = 50, seed: int = 0) -> dict[str, float]:
     """The script's evaluation summary for a policy of uniform random actions on its own evaluation envs."""
-    import gymnasium as gym
     import tyro
 
     module = importlib.import_module(script[:-3])
@@ -185,7 +187,7 @@ def main():
         print("random policy: " + ", ".join(f"{tag} {reference[tag.removeprefix('eval/')]:.3f}" for tag in extra))
     tasks = sorted(k.split("/")[0] for k in reference if k.endswith("/return"))
     if tasks:
-        print(f"\nfinal eval return per task (mean over seeds); random policy: "
+        print("\nfinal eval return per task (mean over seeds); random policy: "
               + ", ".join(f"{t} {reference[t + '/return']:.3f}" for t in tasks) + "\n")
         print("| config | " + " | ".join(tasks) + " |")
         print("|---|" + "---|" * len(tasks))
