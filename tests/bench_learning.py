@@ -47,6 +47,23 @@ BABYAI_DEMO = ["--tasks", "GoToRedBallNoDists", "GoToRedBall", "GoToObjS6", "One
                "--context-len", "128", "--batch-size", "8", "--buffer-size", "400000", "--eps-anneal-steps", "4000",
                "--eval-every", "20000", "--eval-episodes", "10", "--total-timesteps", "100000"]
 
+# The Meta-World demo: ML1 reach-v3 (the goal is hidden, 50 training goals, held-out goals for test) with the paper's
+# k = 3 attempts, shortened to 100-step episodes so that a 300-step meta-rollout fits one context; one meta-rollout
+# per env per epoch.
+METAWORLD_DEMO = ["--benchmark", "ML1", "--ml1-task", "reach-v3", "--episode-length", "100", "--num-envs", "8",
+                  "--steps-per-epoch", "300", "--updates-per-epoch", "48", *SMALL_MODEL, "--context-len", "300",
+                  "--batch-size", "8", "--buffer-size", "400000", "--eps-anneal-steps", "3000", "--eval-every", "25000",
+                  "--eval-episodes", "6", "--total-timesteps", "100000"]
+
+# The pixel demos: the paper's IMPALA encoder with fewer channels, short contexts, one game each.
+SMALL_PIXELS = [*SMALL_MODEL, "--impala-channels", "8", "16", "16", "--context-len", "32", "--batch-size", "8",
+                "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", "--buffer-size", "200000",
+                "--eps-anneal-steps", "3000", "--eval-every", "10000", "--total-timesteps", "60000"]
+# Procgen: coinrun (a paper Fig. 6 game) in its two-attempt protocol, 200 training levels, evaluated on unseen levels.
+PROCGEN_DEMO = ["--games", "coinrun", "--num-train-levels", "200", *SMALL_PIXELS, "--eval-episodes", "4"]
+# Atari: Boxing (a paper Fig. 9 game; fixed 2-minute rounds, so evaluation time is bounded), raw scores.
+ATARI_DEMO = ["--games", "Boxing", *SMALL_PIXELS, "--eval-episodes", "2"]
+
 BENCHMARKS = {
     # name: script, {config label: flags}, the TensorBoard scalar to plot and its label
     "popgym": dict(script="amago2_popgym.py", configs={"ind/ind": [*POPGYM_DEMO, "--total-timesteps", "120000"]},
@@ -54,6 +71,14 @@ BENCHMARKS = {
     "babyai": dict(script="amago2_babyai.py", configs={"ind/ind": BABYAI_DEMO}, metric="eval/train_success_2_mean",
                    label="success rate, attempt 2 (4 training tasks, unseen layouts)",
                    extra=["eval/train_success_1_mean", "eval/test_success_1_mean", "eval/test_success_2_mean"]),
+    "metaworld": dict(script="amago2_metaworld.py", configs={"ind/ind": METAWORLD_DEMO}, metric="eval/train/success",
+                      label="success rate, mean of 3 attempts (ML1 reach-v3, training goals)",
+                      extra=["eval/train/success_1", "eval/train/success_3", "eval/test/success", "eval/train/return"]),
+    "procgen": dict(script="amago2_procgen.py", configs={"ind/ind": PROCGEN_DEMO}, metric="eval/norm_2_mean",
+                    label="normalised score, attempt 2 (coinrun, unseen levels)",
+                    extra=["eval/norm_1_mean", "eval/return_2_mean"]),
+    "atari": dict(script="amago2_atari.py", configs={"ind/ind": ATARI_DEMO}, metric="eval/return_mean",
+                  label="Boxing score (raw)", extra=["eval/hns_mean"]),
     "reward-scale": dict(
         script="amago2_popgym.py",
         configs={
