@@ -747,6 +747,9 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
 
     actor_loss, critic_loss = masked_mean(actor), masked_mean(critic)
     metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss, "losses/td_target_mean": masked_mean(y)}
+    with torch.no_grad():  # diagnostics: the critics' value of the buffer actions (compare with the TD targets) and
+        metrics["losses/q_mean"] = masked_mean(agent.scalar_q(out))  # the policy entropy, -log pi(a|h) at a ~ pi
+        metrics["losses/policy_entropy"] = masked_mean(-dist.log_prob(dist.sample()))
     if args.actor_loss == "ind":
         metrics["losses/crr_kept_fraction"] = masked_mean(keep)
     return actor_loss + args.critic_weight * critic_loss, metrics
@@ -919,29 +922,31 @@ class Progress:
         self.bar.refresh()
         self.bar.close()
 
-# ---- checkpoints: a run killed at any moment resumes from its last good checkpoint ----
-def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, counters: dict, rng, args: Args):
-    """Buffer snapshot first, then state.pt by atomic rename (the commit point), then older snapshots are removed."""
+def crossed(before: int, after: int, every: int) -> bool:
+    """Did this epoch take the step count past a multiple of `every` (0: never)? Evaluations and checkpoints."""
+    return every > 0 and after // every > before // every
+
+
+def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int,
+                    rng, args: Args):
+    """A run killed at any moment resumes from its last good checkpoint: the buffer snapshot is written first, then
+    state.pt by atomic rename (the commit point), and only then are older snapshots removed."""
     folder = os.path.join(run_dir, "checkpoint")
-    snapshot = f"buffer-{counters['global_step']}"
-    ReplayBuffer.remove(os.path.join(folder, snapshot + ".tmp"))
-    buffer.save(os.path.join(folder, snapshot + ".tmp"))
-    ReplayBuffer.remove(os.path.join(folder, snapshot))
-    os.rename(os.path.join(folder, snapshot + ".tmp"), os.path.join(folder, snapshot))
+    snapshot = f"buffer-{global_step}"
+    buffer.save(os.path.join(folder, snapshot))
     state = {
         "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "counters": counters, "buffer": snapshot, "args": asdict(args),
+        "counters": {"global_step": global_step, "updates": updates}, "buffer": snapshot, "args": asdict(args),
         "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
-    for old in os.listdir(folder):
-        if old.startswith("buffer-") and old != snapshot:
-            ReplayBuffer.remove(os.path.join(folder, old))
+    ReplayBuffer.remove_snapshots(folder, keep=snapshot)
 
 
-def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, rng) -> dict:
+def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, rng) -> tuple[int, int]:
+    """Restores everything save_checkpoint wrote; returns (global_step, updates)."""
     folder = os.path.join(run_dir, "checkpoint")
     state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
     agent.load_state_dict(state["agent"])
@@ -953,7 +958,7 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"].get("cuda") and torch.cuda.is_available():  # a GPU run's sampling continues where it stopped
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["counters"]
+    return state["counters"]["global_step"], state["counters"]["updates"]
 
 
 def fail(message: str):
@@ -1051,11 +1056,11 @@ if __name__ == "__main__":
     except MemoryError as e:
         fail(str(e))
     print(buffer.footprint())
-    counters = {"global_step": 0, "updates": 0, "next_eval": args.eval_every, "next_checkpoint": args.checkpoint_every}
+    global_step, updates = 0, 0  # environment steps and gradient updates so far
     if args.resume:
-        counters = load_checkpoint(run_dir, agent, optimizer, scheduler, buffer, rng)
-        print(f"resumed {run_dir} at step {counters['global_step']:,} after {counters['updates']:,} updates")
-    writer = SummaryWriter(run_dir, purge_step=counters["global_step"] or None)
+        global_step, updates = load_checkpoint(run_dir, agent, optimizer, scheduler, buffer, rng)
+        print(f"resumed {run_dir} at step {global_step:,} after {updates:,} updates")
+    writer = SummaryWriter(run_dir, purge_step=global_step or None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     n_params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
     print(f"{args.run_name}: {n_params:,} parameters on {device}, actor {args.actor_loss} / critic {args.critic_loss}")
@@ -1063,34 +1068,35 @@ if __name__ == "__main__":
     rollouts = MetaRollouts(envs, agent, args, device, buffer)
     eval_rollouts = MetaRollouts(eval_envs, agent, args, device)
     # environments cannot be checkpointed: a resumed run starts new meta-rollouts, seeded by the step count
-    rollouts.restart(args.seed + counters["global_step"])
+    rollouts.restart(args.seed + global_step)
     eps_mult = rng.random(args.num_envs)  # each env scales epsilon by a fresh U[0, 1) draw per meta-rollout
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start_time = time.time()
-    progress = Progress(args, counters["global_step"], counters["updates"])
+    progress = Progress(args, global_step, updates)
     summary = {}  # the last evaluation's summary, for the final line
 
-    while counters["global_step"] < args.total_timesteps:
+    while global_step < args.total_timesteps:
+        epoch_start = global_step
         # ---- collect: steps_per_epoch steps in every env ----
         agent.eval()
         for _ in range(args.steps_per_epoch):
             step_start = time.time()
             actions = rollouts.act(agent)
-            actions = explore(actions, epsilon(args, counters["global_step"]) * eps_mult, action_space, rng)
+            actions = explore(actions, epsilon(args, global_step) * eps_mult, action_space, rng)
             finished, done = rollouts.step(actions)
-            counters["global_step"] += args.num_envs
+            global_step += args.num_envs
             for i, task, metrics in finished:
                 for k, v in metrics.items():
-                    writer.add_scalar(f"tasks/{task}/{k}", v, counters["global_step"])
-                writer.add_scalar("charts/return", metrics["return"], counters["global_step"])
+                    writer.add_scalar(f"tasks/{task}/{k}", v, global_step)
+                writer.add_scalar("charts/return", metrics["return"], global_step)
                 progress.recent.append(metrics["return"])
             if done.any():
                 eps_mult[done] = rng.random(int(done.sum()))
             progress.collect(args.num_envs, time.time() - step_start)
-            if counters["global_step"] >= args.total_timesteps:
+            if global_step >= args.total_timesteps:
                 break
-        writer.add_scalar("charts/epsilon", epsilon(args, counters["global_step"]), counters["global_step"])
-        writer.add_scalar("charts/SPS", progress.sps(), counters["global_step"])
+        writer.add_scalar("charts/epsilon", epsilon(args, global_step), global_step)
+        writer.add_scalar("charts/SPS", progress.sps(), global_step)
 
         # ---- update: updates_per_epoch gradient steps on windows of l+1 timesteps ----
         agent.train()
@@ -1102,7 +1108,7 @@ if __name__ == "__main__":
             with autocast:
                 loss, metrics = compute_losses(agent, batch, args)
             if not torch.isfinite(loss):
-                fail(f"non-finite loss ({loss.item()}) at update {counters['updates']}: "
+                fail(f"non-finite loss ({loss.item()}) at update {updates}: "
                      + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
                      + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32.")
             optimizer.zero_grad(set_to_none=True)
@@ -1111,10 +1117,10 @@ if __name__ == "__main__":
             optimizer.step()
             scheduler.step()
             agent.ema_update(args.tau)
-            counters["updates"] += 1
+            updates += 1
             progress.update(time.time() - update_step_start)  # long update phases (CPU, paper sizes) keep reporting
         if args.updates_per_epoch:
-            step = counters["global_step"]
+            step = global_step
             for k, v in metrics.items():
                 writer.add_scalar(k, v.item(), step)
             writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
@@ -1122,26 +1128,22 @@ if __name__ == "__main__":
             writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
 
         # ---- evaluate and checkpoint at epoch boundaries ----
-        final = counters["global_step"] >= args.total_timesteps
-        if (args.eval_every and counters["global_step"] >= counters["next_eval"]) or final:
-            per_task = evaluate(agent, eval_rollouts, args.eval_episodes, seed=10**6 + counters["global_step"])
+        final = global_step >= args.total_timesteps
+        if crossed(epoch_start, global_step, args.eval_every) or final:
+            per_task = evaluate(agent, eval_rollouts, args.eval_episodes, seed=10**6 + global_step)
             for task, metrics in per_task.items():
                 for k, v in metrics.items():
-                    writer.add_scalar(f"eval/{task}/{k}", v, counters["global_step"])
+                    writer.add_scalar(f"eval/{task}/{k}", v, global_step)
             summary = summarize_eval(per_task)
             for k, v in summary.items():
-                writer.add_scalar(f"eval/{k}", v, counters["global_step"])
+                writer.add_scalar(f"eval/{k}", v, global_step)
             tqdm.write("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))  # a line of its own, above the bar
-            while counters["next_eval"] <= counters["global_step"]:
-                counters["next_eval"] += args.eval_every or args.total_timesteps
-        if args.save_model and (counters["global_step"] >= counters["next_checkpoint"] or final):
-            while counters["next_checkpoint"] <= counters["global_step"]:
-                counters["next_checkpoint"] += args.checkpoint_every
-            save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, counters, rng, args)
-            tqdm.write(f"checkpoint: {run_dir}/checkpoint at step {counters['global_step']:,}")
+        if args.save_model and (crossed(epoch_start, global_step, args.checkpoint_every) or final):
+            save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, global_step, updates, rng, args)
+            tqdm.write(f"checkpoint: {run_dir}/checkpoint at step {global_step:,}")
 
     progress.close()
-    print(f"done: {counters['global_step']:,} steps, {counters['updates']:,} updates in {(time.time() - start_time) / 60:.1f} min; "
+    print(f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
           f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs")
     envs.close()
     eval_envs.close()

@@ -129,15 +129,20 @@ class ReplayBuffer:
 
     # ---- save / load for resume ----
     def save(self, folder: str):
-        """RAM buffers write their arrays to `folder`; memory-mapped ones only flush (they already live on disk)."""
-        os.makedirs(folder, exist_ok=True)
+        """An atomic snapshot in `folder`: written to `folder`.tmp, then renamed, so a crash never leaves a half-written
+        snapshot under its final name. RAM buffers write their arrays; memory-mapped ones flush (they live on disk)."""
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         for name, arr in self.data.items():
             if self.path is None:
-                np.save(os.path.join(folder, f"{name}.npy"), arr)
+                np.save(os.path.join(tmp, f"{name}.npy"), arr)
             else:
                 arr.flush()
-        with open(os.path.join(folder, "state.json"), "w") as f:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"ptr": self.ptr.tolist(), "size": self.size.tolist(), "next_rollout_id": self.next_rollout_id}, f)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
 
     def load(self, folder: str):
         with open(os.path.join(folder, "state.json")) as f:
@@ -150,5 +155,8 @@ class ReplayBuffer:
         self.next_rollout_id = max(state["next_rollout_id"], int(self.data["rollout_id"].max()) + 1)
 
     @staticmethod
-    def remove(folder: str):
-        shutil.rmtree(folder, ignore_errors=True)
+    def remove_snapshots(parent: str, keep: str):
+        """Delete every snapshot folder in `parent` except `keep` (called once the checkpoint naming `keep` is committed)."""
+        for name in os.listdir(parent):
+            if name.startswith("buffer-") and name != keep:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)

@@ -63,8 +63,8 @@ def test_resume_reproduces_the_saved_state(tmp_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda u: 1.0)
     buffer = A.ReplayBuffer(A.replay_fields(env.observation_space, env.action_space), args.buffer_size, args.num_envs)
     rng = np.random.default_rng(123)
-    counters = A.load_checkpoint(str(tmp_path / "runs" / "r"), agent, opt, sched, buffer, rng)
-    assert counters["updates"] == 4
+    global_step, updates = A.load_checkpoint(str(tmp_path / "runs" / "r"), agent, opt, sched, buffer, rng)
+    assert (global_step, updates) == (160, 4)
     for k, v in state["agent"].items():
         assert torch.equal(agent.state_dict()[k], v), k
     assert agent.encoder.norm.count.item() > 0  # input statistics restored

@@ -1,4 +1,6 @@
 """Known-answer tests for common/: symlog / two-hot maths and the replay buffer."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,21 @@ def test_buffer_save_load_round_trip(tmp_path):
     assert (other.ptr == buffer.ptr).all() and other.next_rollout_id == buffer.next_rollout_id
     s1, s2 = buffer.sample(8, 5, np.random.default_rng(9)), other.sample(8, 5, np.random.default_rng(9))
     assert all(np.array_equal(s1[k], s2[k]) for k in s1)
+
+
+def test_snapshot_is_atomic_and_older_ones_are_pruned(tmp_path):
+    """save() replaces a stale half-written `.tmp` and leaves no `.tmp` behind; remove_snapshots keeps only one."""
+    buffer = ReplayBuffer(FIELDS, capacity=200, num_envs=2)
+    fill(buffer, [[10, 20], [7, 7, 7]])
+    os.makedirs(tmp_path / "buffer-20.tmp")  # left by a save killed mid-write
+    (tmp_path / "buffer-20.tmp" / "junk").write_text("x")
+    buffer.save(str(tmp_path / "buffer-10"))
+    buffer.save(str(tmp_path / "buffer-20"))
+    assert sorted(os.listdir(tmp_path)) == ["buffer-10", "buffer-20"]
+    assert sorted(os.listdir(tmp_path / "buffer-20")) == sorted([f"{k}.npy" for k in buffer.data] + ["state.json"])
+    (tmp_path / "state.pt").write_text("the commit point is not a snapshot")
+    ReplayBuffer.remove_snapshots(str(tmp_path), keep="buffer-20")
+    assert sorted(os.listdir(tmp_path)) == ["buffer-20", "state.pt"]
 
 
 def test_memory_mapped_buffer(tmp_path):

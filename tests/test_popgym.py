@@ -238,6 +238,20 @@ def test_critic_loss_trains_critics_and_transformer():
     assert 0.0 <= metrics["losses/crr_kept_fraction"].item() <= 1.0
 
 
+def test_diagnostics_entropy_of_a_uniform_policy_and_q_of_constant_critics():
+    """policy_entropy is log A for a uniform policy (every sample has -log pi = log A); q_mean is the critics' value."""
+    agent, args = make_agent(critic_loss="dep")
+    with torch.no_grad():
+        agent.actor.mlp[-1].weight.zero_()
+        agent.actor.mlp[-1].bias.zero_()  # equal logits: uniform over the A actions
+        agent.critics.w3.zero_()
+        agent.critics.b3.fill_(0.5)  # every critic outputs 0.5 (normalised); PopArt starts at mu 0, sigma 10
+    _, metrics = A.compute_losses(agent, random_batch(agent, args), args)
+    assert metrics["losses/policy_entropy"].item() == pytest.approx(np.log(agent.action_dim), abs=1e-5)
+    # Q = sigma * (w x + b) + mu = 10 * 0.5 + 0, and the update inside compute_losses preserves that output
+    assert metrics["losses/q_mean"].item() == pytest.approx(5.0, abs=1e-4)
+
+
 def test_td_target_bootstraps_across_everything_but_termination():
     agent, args = make_agent()
     h = torch.randn(4, args.d_model)
@@ -267,8 +281,7 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path):
     fields = {"obs": ((27,), np.float32), "reward": ((), np.float32)}
     buffer = A.ReplayBuffer(fields, 100, 2)
     rng = np.random.default_rng(0)
-    counters = {"global_step": 10, "updates": 3, "next_eval": 0, "next_checkpoint": 0}
-    A.save_checkpoint(str(tmp_path), agent, opt, sched, buffer, counters, rng, args)
+    A.save_checkpoint(str(tmp_path), agent, opt, sched, buffer, 10, 3, rng, args)
     saved = {k: v.clone() for k, v in agent.state_dict().items()}
     # a later save killed mid-write: a half-written buffer snapshot and state.pt.tmp, no rename yet
     os.makedirs(tmp_path / "checkpoint" / "buffer-20.tmp")
@@ -276,9 +289,16 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path):
     with torch.no_grad():
         for p in agent.parameters():
             p.add_(1.0)
-    loaded = A.load_checkpoint(str(tmp_path), agent, opt, sched, buffer, rng)
-    assert loaded["global_step"] == 10
+    assert A.load_checkpoint(str(tmp_path), agent, opt, sched, buffer, rng) == (10, 3)
     assert all(torch.equal(agent.state_dict()[k], v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize("before, after, every, expected", [
+    (0, 512, 1000, False), (512, 1024, 1000, True), (1000, 1512, 1000, False), (1512, 2000, 1000, True),
+    (0, 5000, 1000, True), (5000, 5512, 0, False)])
+def test_crossed_a_multiple_of_every(before, after, every, expected):
+    """Evaluations and checkpoints fire in the epoch that takes the step count past a multiple of N; 0 means never."""
+    assert A.crossed(before, after, every) == expected
 
 
 def test_chunked_no_grad_critic_equals_one_pass():
