@@ -309,6 +309,9 @@ def summarize_eval(per_task: dict) -> dict:
     return summary
 
 
+# ======================================================================================
+# Model (paper Sec. 3, Fig. 2): timestep encoder -> causal Transformer -> actor and critics
+# ======================================================================================
 class TimestepEncoder(nn.Module):
     """Paper App. B (BabyAI): grid CNN + mission RNN + MLP on [direction, progress, attempt, prev action, prev
     reward, reset]; concatenate, Linear, LayerNorm."""
@@ -368,71 +371,7 @@ def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.
     return TimestepEncoder(obs_space, action_dim, args.d_token)
 
 
-# ======================================================================================
-# Action distribution (discrete): the actor and the two places that depend on the action type
-# ======================================================================================
-NO_ACTION = -1  # the "previous action" at a meta-rollout start: its one-hot is all zeros (paper Sec. 3: the timestep input)
-
-
-def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
-    """How an action enters the critic and the timestep token: one-hot for discrete actions. (...) -> (..., A)."""
-    return F.one_hot(actions.long() + 1, action_dim + 1)[..., 1:].float()  # NO_ACTION (-1) -> zeros
-
-
-class Actor(nn.Module):
-    """MLP (256, 256) -> G categorical distributions, one per gamma; probabilities clamped to [1e-3, 0.99] (exploration floor)."""
-
-    def __init__(self, d_model: int, action_dim: int, num_gammas: int, hidden: int):
-        super().__init__()
-        self.action_dim, self.num_gammas = action_dim, num_gammas
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * action_dim)
-        )
-
-    def forward(self, h: torch.Tensor) -> torch.distributions.Categorical:
-        logits = self.mlp(h).float().unflatten(-1, (self.num_gammas, self.action_dim))  # (..., G, A)
-        probs = logits.softmax(-1).clamp(1e-3, 0.99)
-        return torch.distributions.Categorical(probs=probs / probs.sum(-1, keepdim=True))
-
-
-def every_action(agent, n: int, device) -> torch.Tensor:
-    """All A discrete actions for each of n states, shaped for q_values: (n, A, 1)."""
-    return torch.arange(agent.action_dim, device=device).view(1, -1, 1).expand(n, -1, 1)
-
-
-def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
-    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions, with Q standardised by
-    the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
-
-    CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor
-    (and, through the actor head, the Transformer) and never the critics.
-    """
-    with torch.no_grad():
-        q = agent.q_values(agent.critics, h.detach(), every_action(agent, len(h), h.device), standardized=True)  # (N, A, G, C)
-        q = q.min(-1).values.transpose(1, 2)  # (N, G, A): pessimistic over the ensemble
-    return -(dist.probs * q).sum(-1)
-
-
-def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
-    """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad.
-
-    As in the official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
-    sum_a pi'(a|h') Q_c(h', a); for the ind actor (its multi-task agent) the value of one sampled a' ~ pi'.
-    """
-    dist = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
-    if actor_loss == "dep":
-        q = agent.q_values(agent.target_critics, h_next, every_action(agent, len(h_next), h_next.device))  # (N, A, G, C)
-        return (dist.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1)
-    return agent.q_values(agent.target_critics, h_next, dist.sample()[:, None])[:, 0]
-
-
-def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
-    """Epsilon-greedy on top of policy sampling: each env replaces its action by a uniform one with prob. epsilon."""
-    random_actions = rng.integers(action_space.n, size=len(actions))
-    return np.where(rng.random(len(actions)) < epsilon, random_actions, actions)
-
-
-# ---- shared core: the same text in every amago2_*.py (tests/test_shared_core.py) ----
+# ---- the causal Transformer (shared core: the same text in every amago2_*.py, tests/test_shared_core.py) ----
 class SigmaReparamLinear(nn.Module):
     """sigma-reparam: effective weight (g / sigma(W)) W, sigma(W) from one power-iteration step per training forward."""
 
@@ -544,6 +483,38 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+# ---- the actor (discrete actions, per benchmark): one categorical distribution per gamma ----
+NO_ACTION = -1  # the "previous action" at a meta-rollout start: its one-hot is all zeros (paper Sec. 3: the timestep input)
+
+
+def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
+    """How an action enters the critic and the timestep token: one-hot for discrete actions. (...) -> (..., A)."""
+    return F.one_hot(actions.long() + 1, action_dim + 1)[..., 1:].float()  # NO_ACTION (-1) -> zeros
+
+
+class Actor(nn.Module):
+    """MLP (256, 256) -> G categorical distributions, one per gamma; probabilities clamped to [1e-3, 0.99] (exploration floor)."""
+
+    def __init__(self, d_model: int, action_dim: int, num_gammas: int, hidden: int):
+        super().__init__()
+        self.action_dim, self.num_gammas = action_dim, num_gammas
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * action_dim)
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.distributions.Categorical:
+        logits = self.mlp(h).float().unflatten(-1, (self.num_gammas, self.action_dim))  # (..., G, A)
+        probs = logits.softmax(-1).clamp(1e-3, 0.99)
+        return torch.distributions.Categorical(probs=probs / probs.sum(-1, keepdim=True))
+
+
+def every_action(agent, n: int, device) -> torch.Tensor:
+    """All A discrete actions for each of n states, shaped for q_values: (n, A, 1)."""
+    return torch.arange(agent.action_dim, device=device).view(1, -1, 1).expand(n, -1, 1)
+
+
+
+# ---- critics, PopArt and the agent (shared core) ----
 class CriticEnsemble(nn.Module):
     """C critic MLPs (256, 256) on [h, gamma feature, action], evaluated as one batched computation.
 
@@ -677,7 +648,22 @@ class Agent(nn.Module):
                 tp.lerp_(p, tau)
 
 
-# ---- losses (paper Sec. 3, Eqs. 1-4, and App. B) ----
+# ======================================================================================
+# Losses (paper Sec. 3, App. B): TD target, critic Eqs. 1 / 3, actor Eqs. 2 / 4
+# ======================================================================================
+def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
+    """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad.
+
+    As in the official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
+    sum_a pi'(a|h') Q_c(h', a); for the ind actor (its multi-task agent) the value of one sampled a' ~ pi'.
+    """
+    dist = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
+    if actor_loss == "dep":
+        q = agent.q_values(agent.target_critics, h_next, every_action(agent, len(h_next), h_next.device))  # (N, A, G, C)
+        return (dist.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1)
+    return agent.q_values(agent.target_critics, h_next, dist.sample()[:, None])[:, 0]
+
+
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
     """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
     drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,
@@ -701,6 +687,19 @@ def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.T
     target = agent.popart.standardized(y)  # (N, G)
     pred = agent.popart.normalized(out[..., 0].float().transpose(1, 2))  # (N, C, G)
     return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
+
+
+def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
+    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions, with Q standardised by
+    the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
+
+    CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor
+    (and, through the actor head, the Transformer) and never the critics.
+    """
+    with torch.no_grad():
+        q = agent.q_values(agent.critics, h.detach(), every_action(agent, len(h), h.device), standardized=True)  # (N, A, G, C)
+        q = q.min(-1).values.transpose(1, 2)  # (N, G, A): pessimistic over the ensemble
+    return -(dist.probs * q).sum(-1)
 
 
 def crr_filter(agent: Agent, h: torch.Tensor, dist, q_buffer: torch.Tensor, args: Args) -> torch.Tensor:
@@ -755,7 +754,9 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     return actor_loss + args.critic_weight * critic_loss, metrics
 
 
-# ---- rollouts ----
+# ======================================================================================
+# Rollouts and evaluation
+# ======================================================================================
 class TokenHistory:
     """--no-kv-cache: keep each env's last context_len tokens and re-run the whole Transformer every step."""
 
@@ -875,6 +876,15 @@ def epsilon(args: Args, global_step: int) -> float:
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
+def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
+    """Epsilon-greedy on top of policy sampling: each env replaces its action by a uniform one with prob. epsilon."""
+    random_actions = rng.integers(action_space.n, size=len(actions))
+    return np.where(rng.random(len(actions)) < epsilon, random_actions, actions)
+
+
+# ======================================================================================
+# Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this
+# ======================================================================================
 class Progress:
     """A tqdm bar over environment steps that also shows updates, SPS, the recent return and an ETA counting the update
     phases: the remaining steps at the measured collection rate plus the remaining updates at the measured update

@@ -272,6 +272,9 @@ def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
+# ======================================================================================
+# Model (paper Sec. 3, Fig. 2): timestep encoder -> causal Transformer -> actor and critics
+# ======================================================================================
 class InputNorm(nn.Module):
     """Running mean/std of the raw timestep input (official library: momentum 1e-4, bias-corrected)."""
 
@@ -323,95 +326,7 @@ def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.
     return TimestepEncoder(obs_space, action_dim, args.d_token)
 
 
-# ======================================================================================
-# Action distribution (continuous): the actor and the places that depend on the action type
-# ======================================================================================
-NO_ACTION = 0.0  # the "previous action" at a meta-rollout start: a zero vector (paper Sec. 3: the timestep input)
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the actor's log-std is squashed into this range (official library)
-
-
-def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
-    """How an action enters the critic and the timestep token: the raw vector in [-1, 1]. (..., A) -> (..., A)."""
-    return actions.float()
-
-
-class TanhGaussian:
-    """Diagonal Gaussians squashed by tanh into [-1, 1]: what the core asks of a distribution. mean, std: (..., G, A)."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
-        self.normal = torch.distributions.Normal(mean, std)
-
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return torch.tanh(self.normal.sample(sample_shape))  # (*sample_shape, ..., G, A)
-
-    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return torch.tanh(self.normal.rsample(sample_shape))  # reparameterised: differentiable in mean and std
-
-    def log_prob(self, action: torch.Tensor) -> torch.Tensor:
-        """log pi(a) = log N(atanh a) - sum log(1 - a^2) (the tanh Jacobian). (..., G, A) -> (..., G).
-
-        Buffer actions are clamped to +-0.99 first (official library): exploration noise is clipped to the box, and at +-1
-        the inverse tanh is infinite."""
-        a = action.float().clamp(-0.99, 0.99)
-        return (self.normal.log_prob(torch.atanh(a)) - torch.log1p(-a.pow(2))).sum(-1)
-
-
-class Actor(nn.Module):
-    """MLP (256, 256) -> G tanh-squashed Gaussians, one per gamma (shared hidden layers, G output slices)."""
-
-    def __init__(self, d_model: int, action_dim: int, num_gammas: int, hidden: int):
-        super().__init__()
-        self.action_dim, self.num_gammas = action_dim, num_gammas
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * 2 * action_dim)
-        )
-
-    def forward(self, h: torch.Tensor) -> TanhGaussian:
-        out = self.mlp(h).float().unflatten(-1, (self.num_gammas, 2, self.action_dim))  # (..., G, 2, A)
-        mean, log_std = out.unbind(-2)
-        log_std = LOG_STD_MIN + (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1) / 2  # smooth squash into [-5, 2]
-        return TanhGaussian(mean, log_std.exp())
-
-
-def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
-    """Eq. 2, continuous: -min_c Q_c(h, a) with a ~ pi(h) a reparameterised sample, Q standardised by the global
-    PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
-
-    CRUCIAL: the critics are evaluated with detached copies of their weights on a detached state, so the
-    gradient flows only through the action into the actor (and, through the actor head, the Transformer);
-    the critic weights get none.
-    """
-    frozen = {name: p.detach() for name, p in agent.critics.named_parameters()}
-    actions = dist.rsample()[:, None]  # (N, 1, G, A): each gamma's own policy
-    out = torch.func.functional_call(agent.critics, frozen, (h.detach(), action_features(actions, agent.action_dim)))
-    q = agent.scalar_q(out, standardized=True)[:, 0]  # (N, G, C)
-    return -q.min(-1).values  # pessimistic over the ensemble
-
-
-def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
-    """Each target critic's value of one sampled a' ~ pi'(h') at t+1 (continuous actions: no exact expectation, as
-    in the official library for both actors). (N, d) -> (N, G, C), denormalised, no grad."""
-    return agent.q_values(agent.target_critics, h_next, agent.target_actor(h_next).sample()[:, None])[:, 0]
-
-
-def rollout_end_epsilon(args: Args, global_step: int) -> float:
-    """The noise at a meta-rollout's last step (official library): eps_end, annealed at epsilon's own rate down to
-    eps_rollout_floor. Early in training a rollout thus explores from 1.0 down to 0.05, later from 0.05 to 0.01."""
-    slope = (args.eps_start - args.eps_end) / args.eps_anneal_steps
-    return max(args.eps_end - slope * global_step / args.num_envs, args.eps_rollout_floor)
-
-
-def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Box, rng: np.random.Generator,
-            t: np.ndarray, epsilon_last: np.ndarray, args: Args) -> np.ndarray:
-    """Gaussian noise on top of policy sampling, then clip to the action box. Its std decays within the meta-rollout,
-    linearly in the time index t from epsilon at the first step to epsilon_last at the last (official library)."""
-    progress = t / (args.k_episodes * args.episode_length)  # (E,) in [0, 1)
-    std = epsilon + (epsilon_last - epsilon) * progress
-    noisy = actions + std[:, None] * rng.standard_normal(actions.shape)
-    return np.clip(noisy, action_space.low, action_space.high).astype(actions.dtype)
-
-
-# ---- shared core: the same text in every amago2_*.py (tests/test_shared_core.py) ----
+# ---- the causal Transformer (shared core: the same text in every amago2_*.py, tests/test_shared_core.py) ----
 class SigmaReparamLinear(nn.Module):
     """sigma-reparam: effective weight (g / sigma(W)) W, sigma(W) from one power-iteration step per training forward."""
 
@@ -523,6 +438,56 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
+# ---- the actor (continuous actions, per benchmark): one tanh-Gaussian per gamma ----
+NO_ACTION = 0.0  # the "previous action" at a meta-rollout start: a zero vector (paper Sec. 3: the timestep input)
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the actor's log-std is squashed into this range (official library)
+
+
+def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
+    """How an action enters the critic and the timestep token: the raw vector in [-1, 1]. (..., A) -> (..., A)."""
+    return actions.float()
+
+
+class TanhGaussian:
+    """Diagonal Gaussians squashed by tanh into [-1, 1]: what the core asks of a distribution. mean, std: (..., G, A)."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor):
+        self.normal = torch.distributions.Normal(mean, std)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return torch.tanh(self.normal.sample(sample_shape))  # (*sample_shape, ..., G, A)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return torch.tanh(self.normal.rsample(sample_shape))  # reparameterised: differentiable in mean and std
+
+    def log_prob(self, action: torch.Tensor) -> torch.Tensor:
+        """log pi(a) = log N(atanh a) - sum log(1 - a^2) (the tanh Jacobian). (..., G, A) -> (..., G).
+
+        Buffer actions are clamped to +-0.99 first (official library): exploration noise is clipped to the box, and at +-1
+        the inverse tanh is infinite."""
+        a = action.float().clamp(-0.99, 0.99)
+        return (self.normal.log_prob(torch.atanh(a)) - torch.log1p(-a.pow(2))).sum(-1)
+
+
+class Actor(nn.Module):
+    """MLP (256, 256) -> G tanh-squashed Gaussians, one per gamma (shared hidden layers, G output slices)."""
+
+    def __init__(self, d_model: int, action_dim: int, num_gammas: int, hidden: int):
+        super().__init__()
+        self.action_dim, self.num_gammas = action_dim, num_gammas
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * 2 * action_dim)
+        )
+
+    def forward(self, h: torch.Tensor) -> TanhGaussian:
+        out = self.mlp(h).float().unflatten(-1, (self.num_gammas, 2, self.action_dim))  # (..., G, 2, A)
+        mean, log_std = out.unbind(-2)
+        log_std = LOG_STD_MIN + (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1) / 2  # smooth squash into [-5, 2]
+        return TanhGaussian(mean, log_std.exp())
+
+
+
+# ---- critics, PopArt and the agent (shared core) ----
 class CriticEnsemble(nn.Module):
     """C critic MLPs (256, 256) on [h, gamma feature, action], evaluated as one batched computation.
 
@@ -656,7 +621,15 @@ class Agent(nn.Module):
                 tp.lerp_(p, tau)
 
 
-# ---- losses (paper Sec. 3, Eqs. 1-4, and App. B) ----
+# ======================================================================================
+# Losses (paper Sec. 3, App. B): TD target, critic Eqs. 1 / 3, actor Eqs. 2 / 4
+# ======================================================================================
+def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
+    """Each target critic's value of one sampled a' ~ pi'(h') at t+1 (continuous actions: no exact expectation, as
+    in the official library for both actors). (N, d) -> (N, G, C), denormalised, no grad."""
+    return agent.q_values(agent.target_critics, h_next, agent.target_actor(h_next).sample()[:, None])[:, 0]
+
+
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
     """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
     drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,
@@ -680,6 +653,21 @@ def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.T
     target = agent.popart.standardized(y)  # (N, G)
     pred = agent.popart.normalized(out[..., 0].float().transpose(1, 2))  # (N, C, G)
     return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
+
+
+def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
+    """Eq. 2, continuous: -min_c Q_c(h, a) with a ~ pi(h) a reparameterised sample, Q standardised by the global
+    PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
+
+    CRUCIAL: the critics are evaluated with detached copies of their weights on a detached state, so the
+    gradient flows only through the action into the actor (and, through the actor head, the Transformer);
+    the critic weights get none.
+    """
+    frozen = {name: p.detach() for name, p in agent.critics.named_parameters()}
+    actions = dist.rsample()[:, None]  # (N, 1, G, A): each gamma's own policy
+    out = torch.func.functional_call(agent.critics, frozen, (h.detach(), action_features(actions, agent.action_dim)))
+    q = agent.scalar_q(out, standardized=True)[:, 0]  # (N, G, C)
+    return -q.min(-1).values  # pessimistic over the ensemble
 
 
 def crr_filter(agent: Agent, h: torch.Tensor, dist, q_buffer: torch.Tensor, args: Args) -> torch.Tensor:
@@ -734,7 +722,9 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     return actor_loss + args.critic_weight * critic_loss, metrics
 
 
-# ---- rollouts ----
+# ======================================================================================
+# Rollouts and evaluation
+# ======================================================================================
 class TokenHistory:
     """--no-kv-cache: keep each env's last context_len tokens and re-run the whole Transformer every step."""
 
@@ -854,6 +844,26 @@ def epsilon(args: Args, global_step: int) -> float:
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
+def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Box, rng: np.random.Generator,
+            t: np.ndarray, epsilon_last: np.ndarray, args: Args) -> np.ndarray:
+    """Gaussian noise on top of policy sampling, then clip to the action box. Its std decays within the meta-rollout,
+    linearly in the time index t from epsilon at the first step to epsilon_last at the last (official library)."""
+    progress = t / (args.k_episodes * args.episode_length)  # (E,) in [0, 1)
+    std = epsilon + (epsilon_last - epsilon) * progress
+    noisy = actions + std[:, None] * rng.standard_normal(actions.shape)
+    return np.clip(noisy, action_space.low, action_space.high).astype(actions.dtype)
+
+
+def rollout_end_epsilon(args: Args, global_step: int) -> float:
+    """The noise at a meta-rollout's last step (official library): eps_end, annealed at epsilon's own rate down to
+    eps_rollout_floor. Early in training a rollout thus explores from 1.0 down to 0.05, later from 0.05 to 0.01."""
+    slope = (args.eps_start - args.eps_end) / args.eps_anneal_steps
+    return max(args.eps_end - slope * global_step / args.num_envs, args.eps_rollout_floor)
+
+
+# ======================================================================================
+# Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this
+# ======================================================================================
 class Progress:
     """A tqdm bar over environment steps that also shows updates, SPS, the recent return and an ETA counting the update
     phases: the remaining steps at the measured collection rate plus the remaining updates at the measured update

@@ -391,7 +391,7 @@ def test_checkpoint_keeps_the_cuda_rng(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([7], dtype=torch.uint8)])
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
-    A.save_checkpoint(str(tmp_path), agent, opt, sched, buffer, {"global_step": 1}, rng, args)
+    A.save_checkpoint(str(tmp_path), agent, opt, sched, buffer, 1, 0, rng, args)
     A.load_checkpoint(str(tmp_path), agent, opt, sched, buffer, rng)
     assert len(restored) == 1 and restored[0][0].tolist() == [7]
 
