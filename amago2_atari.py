@@ -25,8 +25,10 @@ from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 gym.register_envs(ale_py)  # registers the ALE/<Game>-v5 ids; the ROMs ship with ale-py
 
 # The ten games of the paper's multi-game Atari experiment (paper Fig. 9).
+# fmt: off
 GAMES = ["Pong", "Boxing", "Breakout", "Gopher", "MsPacman",
          "ChopperCommand", "CrazyClimber", "BattleZone", "Qbert", "Seaquest"]
+# fmt: on
 
 
 @dataclass
@@ -148,12 +150,16 @@ class Args:
 # ======================================================================================
 # Random-agent and human reference scores as tabulated by Wang et al. 2016 (Dueling DQN) and used by
 # Rainbow (Hessel et al. 2018) and Atari 100k, for the human-normalised score (HNS).
+# fmt: off
 RANDOM_SCORES = {"Pong": -20.7, "Boxing": 0.1, "Breakout": 1.7, "Gopher": 257.6, "MsPacman": 307.3,
                  "ChopperCommand": 811.0, "CrazyClimber": 10780.5, "BattleZone": 2360.0,
                  "Qbert": 163.9, "Seaquest": 68.4}
+# fmt: on
+# fmt: off
 HUMAN_SCORES = {"Pong": 14.6, "Boxing": 12.1, "Breakout": 30.5, "Gopher": 2412.5, "MsPacman": 6951.6,
                 "ChopperCommand": 7387.8, "CrazyClimber": 35829.4, "BattleZone": 37187.5,
                 "Qbert": 13455.0, "Seaquest": 42054.7}
+# fmt: on
 
 
 def human_normalized_score(game: str, score: float) -> float:
@@ -172,14 +178,25 @@ class AtariEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15}  # 60 Hz console / frameskip 4
 
-    def __init__(self, game: str, seed: int | None = None, clip_rewards: bool = False,
-                 render_mode: str | None = None, max_num_frames_per_episode: int = 108_000):
+    def __init__(
+        self,
+        game: str,
+        seed: int | None = None,
+        clip_rewards: bool = False,
+        render_mode: str | None = None,
+        max_num_frames_per_episode: int = 108_000,
+    ):
         self.game, self.clip_rewards, self.render_mode = game, clip_rewards, render_mode
         # v5 defaults written out: sticky actions 0.25, frameskip 4, and the ALE time limit of
         # 108k frames (30 minutes of play), which ends the episode with truncated=True.
-        self.ale = gym.make(f"ALE/{game}-v5", full_action_space=True, repeat_action_probability=0.25,
-                            frameskip=4, max_num_frames_per_episode=max_num_frames_per_episode,
-                            render_mode=render_mode)
+        self.ale = gym.make(
+            f"ALE/{game}-v5",
+            full_action_space=True,
+            repeat_action_probability=0.25,
+            frameskip=4,
+            max_num_frames_per_episode=max_num_frames_per_episode,
+            render_mode=render_mode,
+        )
         self.observation_space = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)})
         self.action_space = self.ale.action_space  # Discrete(18)
         self.action_space.seed(seed)
@@ -206,8 +223,7 @@ class AtariEnv(gym.Env):
         info = {"policy_reward": policy_reward, "new_episode": False}  # one game == one meta-rollout
         if terminated or truncated:
             info["task"] = self.game
-            info["metrics"] = {"return": self.episode_return,
-                               "hns": human_normalized_score(self.game, self.episode_return)}
+            info["metrics"] = {"return": self.episode_return, "hns": human_normalized_score(self.game, self.episode_return)}
         return self._obs(frame), policy_reward, terminated, truncated, info
 
     def render(self):
@@ -223,8 +239,9 @@ def make_env(args: Args, env_idx: int, train: bool, task: str | None = None):
 
     def thunk():
         record = args.capture_video and not train and env_idx == 0
-        env = AtariEnv(game, seed=args.seed + env_idx, clip_rewards=args.clip_rewards,
-                       render_mode="rgb_array" if record else None)
+        env = AtariEnv(
+            game, seed=args.seed + env_idx, clip_rewards=args.clip_rewards, render_mode="rgb_array" if record else None
+        )
         if record:  # gymnasium's RecordVideo needs moviepy (checked in check_env_args)
             env = gym.wrappers.RecordVideo(env, f"videos/{args.run_name}")
         return env
@@ -242,7 +259,9 @@ def check_env_args(args: Args):
     if unknown or not args.games:
         fail(f"unknown Atari game(s) {unknown or args.games}; choose from: {', '.join(GAMES)}")
     if args.num_envs % len(args.games):
-        fail(f"--num-envs {args.num_envs} must be a multiple of the {len(args.games)} games, so every game is always being played")
+        fail(
+            f"--num-envs {args.num_envs} must be a multiple of the {len(args.games)} games, so every game is always being played"
+        )
     if not 0.0 <= args.augment_fraction <= 1.0:
         fail(f"--augment-fraction must be in [0, 1], got {args.augment_fraction}")
     if not args.impala_channels or any(c <= 0 or c % 4 for c in args.impala_channels):
@@ -257,8 +276,11 @@ def check_env_args(args: Args):
 def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     """Mean and median human-normalised score over games, and the mean raw return (per_task: game -> {"return", "hns"})."""
     hns = [m["hns"] for m in per_task.values()]
-    return {"hns_mean": float(np.mean(hns)), "hns_median": float(np.median(hns)),
-            "return_mean": float(np.mean([m["return"] for m in per_task.values()]))}
+    return {
+        "hns_mean": float(np.mean(hns)),
+        "hns_median": float(np.median(hns)),
+        "return_mean": float(np.mean([m["return"] for m in per_task.values()])),
+    }
 
 
 # ======================================================================================
@@ -296,7 +318,9 @@ class TimestepEncoder(nn.Module):
     of symlog([prev action one-hot, prev reward, reset]) -> Linear -> LayerNorm. `channels` are the IMPALA block
     depths (paper Table 2: Atari and Procgen easy 16, 32, 32; Procgen memory-hard 20, 36, 64)."""
 
-    def __init__(self, obs_space: gym.spaces.Dict, action_dim: int, d_out: int, channels=(16, 32, 32), image_features: int = 256):
+    def __init__(
+        self, obs_space: gym.spaces.Dict, action_dim: int, d_out: int, channels=(16, 32, 32), image_features: int = 256
+    ):
         super().__init__()
         self.action_dim = action_dim
         H, W, C = obs_space["image"].shape
@@ -317,9 +341,13 @@ class TimestepEncoder(nn.Module):
         B, L = img.shape[:2]
         x = img.reshape(B * L, *img.shape[2:]).permute(0, 3, 1, 2).float() / 128.0 - 1.0  # (B*L, 3, H, W)
         x = self.image_proj(self.cnn(x)).reshape(B, L, -1)  # (B, L, image_features)
-        rl2 = torch.cat([action_features(prev_action, self.action_dim), prev_reward[..., None].float(), reset[..., None].float()], -1)
+        rl2 = torch.cat(
+            [action_features(prev_action, self.action_dim), prev_reward[..., None].float(), reset[..., None].float()], -1
+        )
         rl2 = self.rl2_proj(symlog(rl2))  # symlog: raw Atari rewards reach the thousands
-        return self.out_norm(self.merge(F.leaky_relu(torch.cat([x, rl2], -1))))  # activation before the merge (official library)
+        return self.out_norm(
+            self.merge(F.leaky_relu(torch.cat([x, rl2], -1)))
+        )  # activation before the merge (official library)
 
 
 def random_shift(frames: torch.Tensor, pad: int = 4, fraction: float = 0.75) -> torch.Tensor:
@@ -472,7 +500,11 @@ class Actor(nn.Module):
         super().__init__()
         self.action_dim, self.num_gammas = action_dim, num_gammas
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * action_dim)
+            nn.Linear(d_model, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, num_gammas * action_dim),
         )
 
     def forward(self, h: torch.Tensor) -> torch.distributions.Categorical:
@@ -484,7 +516,6 @@ class Actor(nn.Module):
 def every_action(agent, n: int, device) -> torch.Tensor:
     """All A discrete actions for each of n states, shaped for q_values: (n, A, 1)."""
     return torch.arange(agent.action_dim, device=device).view(1, -1, 1).expand(n, -1, 1)
-
 
 
 # ---- critics, PopArt and the agent (shared core) ----
@@ -503,8 +534,16 @@ class CriticEnsemble(nn.Module):
             return nn.Parameter(torch.empty(num_critics, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
         fan1 = d_model + 1 + action_dim
-        self.w_state, self.w_gamma, self.w_action = param(d_model, hidden, fan_in=fan1), param(1, hidden, fan_in=fan1), param(action_dim, hidden, fan_in=fan1)
-        self.b1, self.w2, self.b2 = param(1, hidden, fan_in=fan1), param(hidden, hidden, fan_in=hidden), param(1, hidden, fan_in=hidden)
+        self.w_state, self.w_gamma, self.w_action = (
+            param(d_model, hidden, fan_in=fan1),
+            param(1, hidden, fan_in=fan1),
+            param(action_dim, hidden, fan_in=fan1),
+        )
+        self.b1, self.w2, self.b2 = (
+            param(1, hidden, fan_in=fan1),
+            param(hidden, hidden, fan_in=hidden),
+            param(1, hidden, fan_in=hidden),
+        )
         self.w3, self.b3 = param(hidden, out, fan_in=hidden), param(1, out, fan_in=hidden)
         self.register_buffer("gamma_feature", symlog(1.0 / (1.0 - gammas))[:, None])  # (G, 1): symlog(1 / (1 - gamma))
 
@@ -610,7 +649,9 @@ class Agent(nn.Module):
             q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
         return q.transpose(-1, -2)
 
-    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+    def q_values(
+        self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False
+    ) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
         return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
@@ -760,11 +801,19 @@ class MetaRollouts:
     def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
         self.envs, self.buffer, self.device = envs, buffer, device
         E, space = envs.num_envs, envs.single_action_space
-        self.context = (KVCache(agent.transformer, E, args.context_len, device) if args.kv_cache
-                        else TokenHistory(E, args.context_len, args.d_token, device))
+        self.context = (
+            KVCache(agent.transformer, E, args.context_len, device)
+            if args.kv_cache
+            else TokenHistory(E, args.context_len, args.d_token, device)
+        )
         self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
-        self.cur.update(prev_action=np.zeros((E, *space.shape), space.dtype), prev_reward=np.zeros(E, np.float32),
-                        reset=np.zeros(E, np.float32), time=np.zeros(E, np.int64), rollout_id=np.zeros(E, np.int64))
+        self.cur.update(
+            prev_action=np.zeros((E, *space.shape), space.dtype),
+            prev_reward=np.zeros(E, np.float32),
+            reset=np.zeros(E, np.float32),
+            time=np.zeros(E, np.int64),
+            rollout_id=np.zeros(E, np.int64),
+        )
 
     def restart(self, seed: int):
         """Start a new meta-rollout in every env."""
@@ -833,8 +882,13 @@ def replay_fields(obs_space: gym.spaces.Dict, action_space: gym.Space) -> dict:
     """What the buffer stores per timestep: the env's observation, the token's other inputs (previous action
     and reward, reset bit), and the learner's reward and terminal flag for the transition into it."""
     fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
-    return fields | {"prev_action": (action_space.shape, action_space.dtype), "prev_reward": ((), np.float32),
-                     "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
+    return fields | {
+        "prev_action": (action_space.shape, action_space.dtype),
+        "prev_reward": ((), np.float32),
+        "reset": ((), np.float32),
+        "reward": ((), np.float32),
+        "terminal": ((), bool),
+    }
 
 
 def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
@@ -849,7 +903,9 @@ def epsilon(args: Args, global_step: int) -> float:
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
-def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
+def explore(
+    actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator
+) -> np.ndarray:
     """Epsilon-greedy on top of policy sampling: each env replaces its action by a uniform one with prob. epsilon."""
     random_actions = rng.integers(action_space.n, size=len(actions))
     return np.where(rng.random(len(actions)) < epsilon, random_actions, actions)
@@ -865,8 +921,14 @@ class Progress:
 
     def __init__(self, args: Args, global_step: int, updates: int):
         self.args, self.updates = args, updates
-        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
-                        mininterval=args.log_every, bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]")
+        self.bar = tqdm(
+            total=args.total_timesteps,
+            initial=global_step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=args.log_every,
+            bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]",
+        )
         self.collect_seconds = self.update_seconds = 0.0
         self.collected = self.timed_updates = 0
         self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
@@ -877,7 +939,11 @@ class Progress:
         self._show()
 
     def update(self, seconds: float):
-        self.update_seconds, self.timed_updates, self.updates = self.update_seconds + seconds, self.timed_updates + 1, self.updates + 1
+        self.update_seconds, self.timed_updates, self.updates = (
+            self.update_seconds + seconds,
+            self.timed_updates + 1,
+            self.updates + 1,
+        )
         self._show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
@@ -897,7 +963,13 @@ class Progress:
 
     def _show(self):
         eta = self.eta_seconds()
-        eta = "estimating" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
+        eta = (
+            "estimating"
+            if eta is None
+            else time.strftime("%H:%M:%S", time.gmtime(eta))
+            if eta < 86400
+            else f"{eta / 86400:.1f} days"
+        )
         ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
         self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
 
@@ -905,23 +977,33 @@ class Progress:
         self.bar.refresh()
         self.bar.close()
 
+
 def crossed(before: int, after: int, every: int) -> bool:
     """Did this epoch take the step count past a multiple of `every` (0: never)? Evaluations and checkpoints."""
     return every > 0 and after // every > before // every
 
 
-def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int,
-                    rng, args: Args):
+def save_checkpoint(
+    run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args: Args
+):
     """A run killed at any moment resumes from its last good checkpoint: the buffer snapshot is written first, then
     state.pt by atomic rename (the commit point), and only then are older snapshots removed."""
     folder = os.path.join(run_dir, "checkpoint")
     snapshot = f"buffer-{global_step}"
     buffer.save(os.path.join(folder, snapshot))
     state = {
-        "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "counters": {"global_step": global_step, "updates": updates}, "buffer": snapshot, "args": asdict(args),
-        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "counters": {"global_step": global_step, "updates": updates},
+        "buffer": snapshot,
+        "args": asdict(args),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": rng.bit_generator.state,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
@@ -952,9 +1034,26 @@ def fail(message: str):
 
 def check_ranges(args: Args):
     """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
-    counts = ["total_timesteps", "num_envs", "steps_per_epoch", "buffer_size", "batch_size", "context_len", "d_token",
-              "d_model", "d_ff", "n_layers", "n_heads", "num_critics", "head_hidden", "crr_samples", "warmup_updates",
-              "eps_anneal_steps", "eval_episodes", "checkpoint_every"]
+    counts = [
+        "total_timesteps",
+        "num_envs",
+        "steps_per_epoch",
+        "buffer_size",
+        "batch_size",
+        "context_len",
+        "d_token",
+        "d_model",
+        "d_ff",
+        "n_layers",
+        "n_heads",
+        "num_critics",
+        "head_hidden",
+        "crr_samples",
+        "warmup_updates",
+        "eps_anneal_steps",
+        "eval_episodes",
+        "checkpoint_every",
+    ]
     ranges = {name: (getattr(args, name) >= 1, "an integer >= 1") for name in counts}
     ranges |= {
         "updates_per_epoch": (args.updates_per_epoch >= 0, "an integer >= 0"),
@@ -1001,7 +1100,9 @@ def resolve_args(args: Args) -> Args:
             "raise --buffer-size or lower --batch-size / --context-len"
         )
     if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
-        fail(f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
+        fail(
+            f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder"
+        )
     if args.buffer_dir:
         try:
             os.makedirs(args.buffer_dir, exist_ok=True)
@@ -1032,7 +1133,9 @@ if __name__ == "__main__":
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
-    optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
     try:
         buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, args.buffer_dir)
@@ -1092,9 +1195,11 @@ if __name__ == "__main__":
             with autocast:
                 loss, metrics = compute_losses(agent, batch, args)
             if not torch.isfinite(loss):
-                fail(f"non-finite loss ({loss.item()}) at update {updates}: "
-                     + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
-                     + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32.")
+                fail(
+                    f"non-finite loss ({loss.item()}) at update {updates}: "
+                    + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
+                    + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
@@ -1127,8 +1232,10 @@ if __name__ == "__main__":
             tqdm.write(f"checkpoint: {run_dir}/checkpoint at step {global_step:,}")
 
     progress.close()
-    print(f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
-          f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs")
+    print(
+        f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
+        f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
+    )
     envs.close()
     eval_envs.close()
     writer.close()

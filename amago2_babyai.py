@@ -1,6 +1,6 @@
 # AMAGO-2 on multi-task BabyAI (50 train / 18 held-out tasks, two attempts): results table in README.md#babyai
-import contextlib
 import collections
+import contextlib
 import copy
 import io
 import os
@@ -143,6 +143,7 @@ class Args:
 # left out: the multi-step families (PutNext*, PutNextLocal*, GoToSeq*, MoveTwoAcross*, OpenDoorsOrder*,
 # OpenTwoDoors, OpenRedBlueDoorsDebug) and the Synth/Boss families (Synth, SynthLoc, SynthS5R2, SynthSeq,
 # BossLevel, BossLevelNoUnlock, MiniBossLevel).
+# fmt: off
 TRAIN_TASKS = [
     "GoToLocalS7N5", "GoToObjMaze", "KeyCorridor", "KeyCorridorS3R3", "GoToRedBall", "KeyCorridorS3R2",
     "KeyCorridorS3R1", "Unlock", "GoToLocalS8N4", "GoToObjMazeOpen", "KeyCorridorS4R3", "UnlockLocal",
@@ -153,11 +154,14 @@ TRAIN_TASKS = [
     "GoToRedBlueBall", "OpenDoorColor", "PickupAbove", "GoToObjDoor", "OpenRedBlueDoors", "UnlockToUnlock",
     "OneRoomS16", "GoToLocalS8N6", "OneRoomS8", "PickupDistDebug",
 ]
+# fmt: on
+# fmt: off
 TEST_TASKS = [
     "GoToRedBallGrey", "GoToObj", "GoToObjS4", "GoToLocalS5N2", "GoToLocalS6N2", "GoToLocalS6N3", "GoToLocalS6N4",
     "GoToLocalS7N4", "GoToLocalS8N2", "GoToLocalS8N3", "GoToLocalS8N7", "GoToObjMazeS7", "OpenDoorLoc",
     "UnlockLocalDist", "UnlockPickupDist", "ActionObjDoor", "FindObjS5", "KeyCorridorS6R3",
 ]
+# fmt: on
 # Layout seeds (the authors' launch script): training draws from [0, 5000), evaluation from seeds above them that
 # training never draws, the paper's "unseen layouts".
 TRAIN_SEED_RANGE = (0, 5_000)
@@ -165,10 +169,12 @@ EVAL_SEED_RANGE = (5_000, 1_000_000)
 
 # The 29 words of the 68 tasks' missions (paper App. B). "door," is a word of its own: missions are split on
 # whitespace only, and OpenRedBlueDoors says "open the red door, then open the blue door".
+# fmt: off
 VOCAB = [
     "a", "ball", "behind", "blue", "box", "door", "door,", "front", "go", "green", "grey", "in", "key", "left",
     "object", "of", "on", "open", "pick", "purple", "red", "right", "the", "then", "to", "up", "yellow", "you", "your",
 ]
+# fmt: on
 BLANK, UNKNOWN = 0, 1
 WORD_TO_ID = {word: i + 2 for i, word in enumerate(VOCAB)}  # ids 2..30
 VOCAB_SIZE = len(VOCAB) + 2
@@ -191,20 +197,23 @@ class BabyAIMetaEnv(gym.Env):
     """One episode of this env is one meta-rollout: draw a task and a layout seed, then play k_episodes attempts
     on that same layout (the minigrid env is reset with the same seed before every attempt)."""
 
-    def __init__(self, train: bool = True, task: str | None = None, k_episodes: int = 2, seed: int = 0,
-                 tasks: list[str] | None = None):
+    def __init__(
+        self, train: bool = True, task: str | None = None, k_episodes: int = 2, seed: int = 0, tasks: list[str] | None = None
+    ):
         self.tasks = [task] if task is not None else (tasks or (TRAIN_TASKS if train else TEST_TASKS))
         self.seed_range = TRAIN_SEED_RANGE if train else EVAL_SEED_RANGE
         self.k_episodes = k_episodes
         self.np_random = np.random.default_rng(seed)
         self.envs = {}  # one minigrid env per task, built on first use and kept
-        self.observation_space = gym.spaces.Dict({
-            "image": gym.spaces.Box(0, 255, (7, 7, 3), np.uint8),
-            "direction": gym.spaces.Box(0, 3, (1,), np.uint8),  # uint8 ids: 70 bytes less per replay timestep
-            "mission": gym.spaces.Box(0, VOCAB_SIZE - 1, (MAX_MISSION_LEN,), np.uint8),
-            "progress": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
-            "attempt": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
-        })
+        self.observation_space = gym.spaces.Dict(
+            {
+                "image": gym.spaces.Box(0, 255, (7, 7, 3), np.uint8),
+                "direction": gym.spaces.Box(0, 3, (1,), np.uint8),  # uint8 ids: 70 bytes less per replay timestep
+                "mission": gym.spaces.Box(0, VOCAB_SIZE - 1, (MAX_MISSION_LEN,), np.uint8),
+                "progress": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
+                "attempt": gym.spaces.Box(0.0, 1.0, (1,), np.float32),
+            }
+        )
         self.action_space = gym.spaces.Discrete(7)
 
     def _obs(self, obs: dict) -> dict:
@@ -304,7 +313,7 @@ def summarize_eval(per_task: dict) -> dict:
             cut = int(0.25 * len(x))  # IQM = scipy.stats.trim_mean(x, 0.25): drop floor(n / 4) tasks at each end
             summary[f"{split}_return_{a}_median"] = float(np.median(x))
             summary[f"{split}_return_{a}_mean"] = float(x.mean())
-            summary[f"{split}_return_{a}_iqm"] = float(x[cut:len(x) - cut].mean())
+            summary[f"{split}_return_{a}_iqm"] = float(x[cut : len(x) - cut].mean())
             summary[f"{split}_success_{a}_mean"] = float(np.mean([np.mean(m[f"success_{a}"]) for m in tasks]))
     return summary
 
@@ -326,10 +335,15 @@ class TimestepEncoder(nn.Module):
         self.cell_embed = nn.Embedding(int(sizes.sum()), 8)
         h, w, _ = obs_space["image"].shape
         self.cnn = nn.Sequential(
-            nn.Conv2d(3 * 8, 32, 3, padding=1), nn.LeakyReLU(0.01),
-            nn.Conv2d(32, 64, 3), nn.LeakyReLU(0.01),
-            nn.Conv2d(64, 64, 3), nn.LeakyReLU(0.01),
-            nn.Flatten(), nn.Linear(64 * (h - 4) * (w - 4), 128), nn.LeakyReLU(0.01),
+            nn.Conv2d(3 * 8, 32, 3, padding=1),
+            nn.LeakyReLU(0.01),
+            nn.Conv2d(32, 64, 3),
+            nn.LeakyReLU(0.01),
+            nn.Conv2d(64, 64, 3),
+            nn.LeakyReLU(0.01),
+            nn.Flatten(),
+            nn.Linear(64 * (h - 4) * (w - 4), 128),
+            nn.LeakyReLU(0.01),
         )
         self.word_embed = nn.Embedding(VOCAB_SIZE, 32, padding_idx=BLANK)
         self.rnn = nn.RNN(32, 128, batch_first=True)  # a single-layer vanilla (tanh) RNN, as the official library
@@ -354,14 +368,17 @@ class TimestepEncoder(nn.Module):
         cells = self.cell_embed(cells).flatten(-2).permute(0, 3, 1, 2)  # (N, 24, 7, 7)
         image = self.cnn(cells)
         mission = self.mission_features(obs["mission"].long().flatten(0, 1))
-        extras = torch.cat([
-            F.one_hot(obs["direction"].long().reshape(B * L), 4).float(),
-            obs["progress"].reshape(B * L, 1).float(),
-            obs["attempt"].reshape(B * L, 1).float(),
-            action_features(prev_action.reshape(B * L), self.num_actions),  # NO_ACTION (-1) -> zeros
-            prev_reward.reshape(B * L, 1).float(),
-            reset.reshape(B * L, 1).float(),
-        ], -1)
+        extras = torch.cat(
+            [
+                F.one_hot(obs["direction"].long().reshape(B * L), 4).float(),
+                obs["progress"].reshape(B * L, 1).float(),
+                obs["attempt"].reshape(B * L, 1).float(),
+                action_features(prev_action.reshape(B * L), self.num_actions),  # NO_ACTION (-1) -> zeros
+                prev_reward.reshape(B * L, 1).float(),
+                reset.reshape(B * L, 1).float(),
+            ],
+            -1,
+        )
         x = torch.cat([image, mission, self.extras(extras)], -1)
         return self.norm(self.out(x)).reshape(B, L, -1)
 
@@ -499,7 +516,11 @@ class Actor(nn.Module):
         super().__init__()
         self.action_dim, self.num_gammas = action_dim, num_gammas
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * action_dim)
+            nn.Linear(d_model, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, num_gammas * action_dim),
         )
 
     def forward(self, h: torch.Tensor) -> torch.distributions.Categorical:
@@ -511,7 +532,6 @@ class Actor(nn.Module):
 def every_action(agent, n: int, device) -> torch.Tensor:
     """All A discrete actions for each of n states, shaped for q_values: (n, A, 1)."""
     return torch.arange(agent.action_dim, device=device).view(1, -1, 1).expand(n, -1, 1)
-
 
 
 # ---- critics, PopArt and the agent (shared core) ----
@@ -530,8 +550,16 @@ class CriticEnsemble(nn.Module):
             return nn.Parameter(torch.empty(num_critics, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
         fan1 = d_model + 1 + action_dim
-        self.w_state, self.w_gamma, self.w_action = param(d_model, hidden, fan_in=fan1), param(1, hidden, fan_in=fan1), param(action_dim, hidden, fan_in=fan1)
-        self.b1, self.w2, self.b2 = param(1, hidden, fan_in=fan1), param(hidden, hidden, fan_in=hidden), param(1, hidden, fan_in=hidden)
+        self.w_state, self.w_gamma, self.w_action = (
+            param(d_model, hidden, fan_in=fan1),
+            param(1, hidden, fan_in=fan1),
+            param(action_dim, hidden, fan_in=fan1),
+        )
+        self.b1, self.w2, self.b2 = (
+            param(1, hidden, fan_in=fan1),
+            param(hidden, hidden, fan_in=hidden),
+            param(1, hidden, fan_in=hidden),
+        )
         self.w3, self.b3 = param(hidden, out, fan_in=hidden), param(1, out, fan_in=hidden)
         self.register_buffer("gamma_feature", symlog(1.0 / (1.0 - gammas))[:, None])  # (G, 1): symlog(1 / (1 - gamma))
 
@@ -637,7 +665,9 @@ class Agent(nn.Module):
             q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
         return q.transpose(-1, -2)
 
-    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+    def q_values(
+        self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False
+    ) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
         return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
@@ -787,11 +817,19 @@ class MetaRollouts:
     def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
         self.envs, self.buffer, self.device = envs, buffer, device
         E, space = envs.num_envs, envs.single_action_space
-        self.context = (KVCache(agent.transformer, E, args.context_len, device) if args.kv_cache
-                        else TokenHistory(E, args.context_len, args.d_token, device))
+        self.context = (
+            KVCache(agent.transformer, E, args.context_len, device)
+            if args.kv_cache
+            else TokenHistory(E, args.context_len, args.d_token, device)
+        )
         self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
-        self.cur.update(prev_action=np.zeros((E, *space.shape), space.dtype), prev_reward=np.zeros(E, np.float32),
-                        reset=np.zeros(E, np.float32), time=np.zeros(E, np.int64), rollout_id=np.zeros(E, np.int64))
+        self.cur.update(
+            prev_action=np.zeros((E, *space.shape), space.dtype),
+            prev_reward=np.zeros(E, np.float32),
+            reset=np.zeros(E, np.float32),
+            time=np.zeros(E, np.int64),
+            rollout_id=np.zeros(E, np.int64),
+        )
 
     def restart(self, seed: int):
         """Start a new meta-rollout in every env."""
@@ -860,8 +898,13 @@ def replay_fields(obs_space: gym.spaces.Dict, action_space: gym.Space) -> dict:
     """What the buffer stores per timestep: the env's observation, the token's other inputs (previous action
     and reward, reset bit), and the learner's reward and terminal flag for the transition into it."""
     fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
-    return fields | {"prev_action": (action_space.shape, action_space.dtype), "prev_reward": ((), np.float32),
-                     "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
+    return fields | {
+        "prev_action": (action_space.shape, action_space.dtype),
+        "prev_reward": ((), np.float32),
+        "reset": ((), np.float32),
+        "reward": ((), np.float32),
+        "terminal": ((), bool),
+    }
 
 
 def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
@@ -876,7 +919,9 @@ def epsilon(args: Args, global_step: int) -> float:
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
-def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
+def explore(
+    actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator
+) -> np.ndarray:
     """Epsilon-greedy on top of policy sampling: each env replaces its action by a uniform one with prob. epsilon."""
     random_actions = rng.integers(action_space.n, size=len(actions))
     return np.where(rng.random(len(actions)) < epsilon, random_actions, actions)
@@ -892,8 +937,14 @@ class Progress:
 
     def __init__(self, args: Args, global_step: int, updates: int):
         self.args, self.updates = args, updates
-        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
-                        mininterval=args.log_every, bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]")
+        self.bar = tqdm(
+            total=args.total_timesteps,
+            initial=global_step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=args.log_every,
+            bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]",
+        )
         self.collect_seconds = self.update_seconds = 0.0
         self.collected = self.timed_updates = 0
         self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
@@ -904,7 +955,11 @@ class Progress:
         self._show()
 
     def update(self, seconds: float):
-        self.update_seconds, self.timed_updates, self.updates = self.update_seconds + seconds, self.timed_updates + 1, self.updates + 1
+        self.update_seconds, self.timed_updates, self.updates = (
+            self.update_seconds + seconds,
+            self.timed_updates + 1,
+            self.updates + 1,
+        )
         self._show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
@@ -924,7 +979,13 @@ class Progress:
 
     def _show(self):
         eta = self.eta_seconds()
-        eta = "estimating" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
+        eta = (
+            "estimating"
+            if eta is None
+            else time.strftime("%H:%M:%S", time.gmtime(eta))
+            if eta < 86400
+            else f"{eta / 86400:.1f} days"
+        )
         ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
         self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
 
@@ -932,23 +993,33 @@ class Progress:
         self.bar.refresh()
         self.bar.close()
 
+
 def crossed(before: int, after: int, every: int) -> bool:
     """Did this epoch take the step count past a multiple of `every` (0: never)? Evaluations and checkpoints."""
     return every > 0 and after // every > before // every
 
 
-def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int,
-                    rng, args: Args):
+def save_checkpoint(
+    run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args: Args
+):
     """A run killed at any moment resumes from its last good checkpoint: the buffer snapshot is written first, then
     state.pt by atomic rename (the commit point), and only then are older snapshots removed."""
     folder = os.path.join(run_dir, "checkpoint")
     snapshot = f"buffer-{global_step}"
     buffer.save(os.path.join(folder, snapshot))
     state = {
-        "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "counters": {"global_step": global_step, "updates": updates}, "buffer": snapshot, "args": asdict(args),
-        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "counters": {"global_step": global_step, "updates": updates},
+        "buffer": snapshot,
+        "args": asdict(args),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": rng.bit_generator.state,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
@@ -979,9 +1050,26 @@ def fail(message: str):
 
 def check_ranges(args: Args):
     """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
-    counts = ["total_timesteps", "num_envs", "steps_per_epoch", "buffer_size", "batch_size", "context_len", "d_token",
-              "d_model", "d_ff", "n_layers", "n_heads", "num_critics", "head_hidden", "crr_samples", "warmup_updates",
-              "eps_anneal_steps", "eval_episodes", "checkpoint_every"]
+    counts = [
+        "total_timesteps",
+        "num_envs",
+        "steps_per_epoch",
+        "buffer_size",
+        "batch_size",
+        "context_len",
+        "d_token",
+        "d_model",
+        "d_ff",
+        "n_layers",
+        "n_heads",
+        "num_critics",
+        "head_hidden",
+        "crr_samples",
+        "warmup_updates",
+        "eps_anneal_steps",
+        "eval_episodes",
+        "checkpoint_every",
+    ]
     ranges = {name: (getattr(args, name) >= 1, "an integer >= 1") for name in counts}
     ranges |= {
         "updates_per_epoch": (args.updates_per_epoch >= 0, "an integer >= 0"),
@@ -1028,7 +1116,9 @@ def resolve_args(args: Args) -> Args:
             "raise --buffer-size or lower --batch-size / --context-len"
         )
     if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
-        fail(f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
+        fail(
+            f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder"
+        )
     if args.buffer_dir:
         try:
             os.makedirs(args.buffer_dir, exist_ok=True)
@@ -1059,7 +1149,9 @@ if __name__ == "__main__":
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
-    optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
     try:
         buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, args.buffer_dir)
@@ -1118,9 +1210,11 @@ if __name__ == "__main__":
             with autocast:
                 loss, metrics = compute_losses(agent, batch, args)
             if not torch.isfinite(loss):
-                fail(f"non-finite loss ({loss.item()}) at update {updates}: "
-                     + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
-                     + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32.")
+                fail(
+                    f"non-finite loss ({loss.item()}) at update {updates}: "
+                    + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
+                    + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
@@ -1153,8 +1247,10 @@ if __name__ == "__main__":
             tqdm.write(f"checkpoint: {run_dir}/checkpoint at step {global_step:,}")
 
     progress.close()
-    print(f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
-          f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs")
+    print(
+        f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
+        f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
+    )
     envs.close()
     eval_envs.close()
     writer.close()

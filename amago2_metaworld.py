@@ -165,9 +165,16 @@ class MetaWorldMetaEnv(gym.Env):
     "test/<task>" so that evaluation keeps them apart from the training tasks.
     """
 
-    def __init__(self, benchmark: str = "ML45", ml1_task: str = "reach-v3", train: bool = True,
-                 k_episodes: int = 3, episode_length: int = 500, task: str | None = None,
-                 seed: int | None = None):
+    def __init__(
+        self,
+        benchmark: str = "ML45",
+        ml1_task: str = "reach-v3",
+        train: bool = True,
+        k_episodes: int = 3,
+        episode_length: int = 500,
+        task: str | None = None,
+        seed: int | None = None,
+    ):
         bench = metaworld_benchmark(benchmark, ml1_task)
         classes = bench.train_classes if train else bench.test_classes
         tasks = bench.train_tasks if train else bench.test_tasks
@@ -312,12 +319,19 @@ class TimestepEncoder(nn.Module):
         d_in = obs_space["obs"].shape[0] + action_dim + 2
         self.norm = InputNorm(d_in)
         self.mlp = nn.Sequential(
-            nn.Linear(d_in, 512), nn.LeakyReLU(), nn.Linear(512, 512), nn.LeakyReLU(), nn.Linear(512, d_out), nn.LayerNorm(d_out)
+            nn.Linear(d_in, 512),
+            nn.LeakyReLU(),
+            nn.Linear(512, 512),
+            nn.LeakyReLU(),
+            nn.Linear(512, d_out),
+            nn.LayerNorm(d_out),
         )
 
     def forward(self, obs, prev_action, prev_reward, reset, mask=None):
         # obs["obs"]: (B, L, 39), prev_action: (B, L, 4) float in [-1, 1], prev_reward / reset: (B, L)
-        x = torch.cat([obs["obs"], action_features(prev_action, self.action_dim), prev_reward[..., None], reset[..., None]], -1)
+        x = torch.cat(
+            [obs["obs"], action_features(prev_action, self.action_dim), prev_reward[..., None], reset[..., None]], -1
+        )
         return self.mlp(self.norm(x.float(), mask))
 
 
@@ -476,7 +490,11 @@ class Actor(nn.Module):
         super().__init__()
         self.action_dim, self.num_gammas = action_dim, num_gammas
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * 2 * action_dim)
+            nn.Linear(d_model, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, num_gammas * 2 * action_dim),
         )
 
     def forward(self, h: torch.Tensor) -> TanhGaussian:
@@ -484,7 +502,6 @@ class Actor(nn.Module):
         mean, log_std = out.unbind(-2)
         log_std = LOG_STD_MIN + (LOG_STD_MAX - LOG_STD_MIN) * (torch.tanh(log_std) + 1) / 2  # smooth squash into [-5, 2]
         return TanhGaussian(mean, log_std.exp())
-
 
 
 # ---- critics, PopArt and the agent (shared core) ----
@@ -503,8 +520,16 @@ class CriticEnsemble(nn.Module):
             return nn.Parameter(torch.empty(num_critics, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
         fan1 = d_model + 1 + action_dim
-        self.w_state, self.w_gamma, self.w_action = param(d_model, hidden, fan_in=fan1), param(1, hidden, fan_in=fan1), param(action_dim, hidden, fan_in=fan1)
-        self.b1, self.w2, self.b2 = param(1, hidden, fan_in=fan1), param(hidden, hidden, fan_in=hidden), param(1, hidden, fan_in=hidden)
+        self.w_state, self.w_gamma, self.w_action = (
+            param(d_model, hidden, fan_in=fan1),
+            param(1, hidden, fan_in=fan1),
+            param(action_dim, hidden, fan_in=fan1),
+        )
+        self.b1, self.w2, self.b2 = (
+            param(1, hidden, fan_in=fan1),
+            param(hidden, hidden, fan_in=hidden),
+            param(1, hidden, fan_in=hidden),
+        )
         self.w3, self.b3 = param(hidden, out, fan_in=hidden), param(1, out, fan_in=hidden)
         self.register_buffer("gamma_feature", symlog(1.0 / (1.0 - gammas))[:, None])  # (G, 1): symlog(1 / (1 - gamma))
 
@@ -610,7 +635,9 @@ class Agent(nn.Module):
             q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
         return q.transpose(-1, -2)
 
-    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+    def q_values(
+        self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False
+    ) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
         return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
@@ -755,11 +782,19 @@ class MetaRollouts:
     def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
         self.envs, self.buffer, self.device = envs, buffer, device
         E, space = envs.num_envs, envs.single_action_space
-        self.context = (KVCache(agent.transformer, E, args.context_len, device) if args.kv_cache
-                        else TokenHistory(E, args.context_len, args.d_token, device))
+        self.context = (
+            KVCache(agent.transformer, E, args.context_len, device)
+            if args.kv_cache
+            else TokenHistory(E, args.context_len, args.d_token, device)
+        )
         self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
-        self.cur.update(prev_action=np.zeros((E, *space.shape), space.dtype), prev_reward=np.zeros(E, np.float32),
-                        reset=np.zeros(E, np.float32), time=np.zeros(E, np.int64), rollout_id=np.zeros(E, np.int64))
+        self.cur.update(
+            prev_action=np.zeros((E, *space.shape), space.dtype),
+            prev_reward=np.zeros(E, np.float32),
+            reset=np.zeros(E, np.float32),
+            time=np.zeros(E, np.int64),
+            rollout_id=np.zeros(E, np.int64),
+        )
 
     def restart(self, seed: int):
         """Start a new meta-rollout in every env."""
@@ -828,8 +863,13 @@ def replay_fields(obs_space: gym.spaces.Dict, action_space: gym.Space) -> dict:
     """What the buffer stores per timestep: the env's observation, the token's other inputs (previous action
     and reward, reset bit), and the learner's reward and terminal flag for the transition into it."""
     fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
-    return fields | {"prev_action": (action_space.shape, action_space.dtype), "prev_reward": ((), np.float32),
-                     "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
+    return fields | {
+        "prev_action": (action_space.shape, action_space.dtype),
+        "prev_reward": ((), np.float32),
+        "reset": ((), np.float32),
+        "reward": ((), np.float32),
+        "terminal": ((), bool),
+    }
 
 
 def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
@@ -844,8 +884,15 @@ def epsilon(args: Args, global_step: int) -> float:
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
-def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Box, rng: np.random.Generator,
-            t: np.ndarray, epsilon_last: np.ndarray, args: Args) -> np.ndarray:
+def explore(
+    actions: np.ndarray,
+    epsilon: np.ndarray,
+    action_space: gym.spaces.Box,
+    rng: np.random.Generator,
+    t: np.ndarray,
+    epsilon_last: np.ndarray,
+    args: Args,
+) -> np.ndarray:
     """Gaussian noise on top of policy sampling, then clip to the action box. Its std decays within the meta-rollout,
     linearly in the time index t from epsilon at the first step to epsilon_last at the last (official library)."""
     progress = t / (args.k_episodes * args.episode_length)  # (E,) in [0, 1)
@@ -871,8 +918,14 @@ class Progress:
 
     def __init__(self, args: Args, global_step: int, updates: int):
         self.args, self.updates = args, updates
-        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
-                        mininterval=args.log_every, bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]")
+        self.bar = tqdm(
+            total=args.total_timesteps,
+            initial=global_step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=args.log_every,
+            bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]",
+        )
         self.collect_seconds = self.update_seconds = 0.0
         self.collected = self.timed_updates = 0
         self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
@@ -883,7 +936,11 @@ class Progress:
         self._show()
 
     def update(self, seconds: float):
-        self.update_seconds, self.timed_updates, self.updates = self.update_seconds + seconds, self.timed_updates + 1, self.updates + 1
+        self.update_seconds, self.timed_updates, self.updates = (
+            self.update_seconds + seconds,
+            self.timed_updates + 1,
+            self.updates + 1,
+        )
         self._show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
@@ -903,7 +960,13 @@ class Progress:
 
     def _show(self):
         eta = self.eta_seconds()
-        eta = "estimating" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
+        eta = (
+            "estimating"
+            if eta is None
+            else time.strftime("%H:%M:%S", time.gmtime(eta))
+            if eta < 86400
+            else f"{eta / 86400:.1f} days"
+        )
         ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
         self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
 
@@ -911,23 +974,33 @@ class Progress:
         self.bar.refresh()
         self.bar.close()
 
+
 def crossed(before: int, after: int, every: int) -> bool:
     """Did this epoch take the step count past a multiple of `every` (0: never)? Evaluations and checkpoints."""
     return every > 0 and after // every > before // every
 
 
-def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int,
-                    rng, args: Args):
+def save_checkpoint(
+    run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args: Args
+):
     """A run killed at any moment resumes from its last good checkpoint: the buffer snapshot is written first, then
     state.pt by atomic rename (the commit point), and only then are older snapshots removed."""
     folder = os.path.join(run_dir, "checkpoint")
     snapshot = f"buffer-{global_step}"
     buffer.save(os.path.join(folder, snapshot))
     state = {
-        "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "counters": {"global_step": global_step, "updates": updates}, "buffer": snapshot, "args": asdict(args),
-        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "counters": {"global_step": global_step, "updates": updates},
+        "buffer": snapshot,
+        "args": asdict(args),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": rng.bit_generator.state,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
@@ -958,9 +1031,26 @@ def fail(message: str):
 
 def check_ranges(args: Args):
     """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
-    counts = ["total_timesteps", "num_envs", "steps_per_epoch", "buffer_size", "batch_size", "context_len", "d_token",
-              "d_model", "d_ff", "n_layers", "n_heads", "num_critics", "head_hidden", "crr_samples", "warmup_updates",
-              "eps_anneal_steps", "eval_episodes", "checkpoint_every"]
+    counts = [
+        "total_timesteps",
+        "num_envs",
+        "steps_per_epoch",
+        "buffer_size",
+        "batch_size",
+        "context_len",
+        "d_token",
+        "d_model",
+        "d_ff",
+        "n_layers",
+        "n_heads",
+        "num_critics",
+        "head_hidden",
+        "crr_samples",
+        "warmup_updates",
+        "eps_anneal_steps",
+        "eval_episodes",
+        "checkpoint_every",
+    ]
     ranges = {name: (getattr(args, name) >= 1, "an integer >= 1") for name in counts}
     ranges |= {
         "updates_per_epoch": (args.updates_per_epoch >= 0, "an integer >= 0"),
@@ -1007,7 +1097,9 @@ def resolve_args(args: Args) -> Args:
             "raise --buffer-size or lower --batch-size / --context-len"
         )
     if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
-        fail(f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
+        fail(
+            f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder"
+        )
     if args.buffer_dir:
         try:
             os.makedirs(args.buffer_dir, exist_ok=True)
@@ -1038,7 +1130,9 @@ if __name__ == "__main__":
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
-    optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
     try:
         buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, args.buffer_dir)
@@ -1071,8 +1165,15 @@ if __name__ == "__main__":
         for _ in range(args.steps_per_epoch):
             step_start = time.time()
             actions = rollouts.act(agent)
-            actions = explore(actions, epsilon(args, global_step) * eps_mult, action_space, rng, rollouts.cur["time"],
-                              rollout_end_epsilon(args, global_step) * eps_mult, args)
+            actions = explore(
+                actions,
+                epsilon(args, global_step) * eps_mult,
+                action_space,
+                rng,
+                rollouts.cur["time"],
+                rollout_end_epsilon(args, global_step) * eps_mult,
+                args,
+            )
             finished, done = rollouts.step(actions)
             global_step += args.num_envs
             for i, task, metrics in finished:
@@ -1098,9 +1199,11 @@ if __name__ == "__main__":
             with autocast:
                 loss, metrics = compute_losses(agent, batch, args)
             if not torch.isfinite(loss):
-                fail(f"non-finite loss ({loss.item()}) at update {updates}: "
-                     + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
-                     + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32.")
+                fail(
+                    f"non-finite loss ({loss.item()}) at update {updates}: "
+                    + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
+                    + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
@@ -1133,8 +1236,10 @@ if __name__ == "__main__":
             tqdm.write(f"checkpoint: {run_dir}/checkpoint at step {global_step:,}")
 
     progress.close()
-    print(f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
-          f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs")
+    print(
+        f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
+        f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
+    )
     envs.close()
     eval_envs.close()
     writer.close()

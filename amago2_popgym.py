@@ -24,6 +24,7 @@ from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 warnings.filterwarnings("ignore", module="gym")  # popgym imports the legacy gym package, which warns on import
 import popgym  # noqa: E402
 
+# fmt: off
 POPGYM_TASKS = [
     "AutoencodeEasy", "AutoencodeMedium", "AutoencodeHard",
     "RepeatPreviousEasy", "RepeatPreviousMedium", "RepeatPreviousHard",
@@ -36,6 +37,7 @@ POPGYM_TASKS = [
     "MultiarmedBanditEasy", "MultiarmedBanditMedium",
     "MineSweeperEasy",
 ]  # the 27 tasks of the paper (App. B): observation and action spaces of dimension < 30
+# fmt: on
 
 
 @dataclass
@@ -155,6 +157,7 @@ OBS_PAD = 26  # every task's flattened observation fits in 26 features (paper Ap
 # Mean return of a uniformly random policy per task over 200 episodes (tests/measure_popgym_random.py). The
 # normalised score maps these to 0 and POPGym's maximum episode return, 1.0, to 1 (POPGym bounds returns in
 # [-1, 1]); the paper's 1 is the best single-task result of Morad et al., published only as a figure.
+# fmt: off
 RANDOM_RETURNS = {
     "AutoencodeEasy": -0.515,
     "AutoencodeMedium": -0.5,
@@ -184,6 +187,7 @@ RANDOM_RETURNS = {
     "MultiarmedBanditMedium": -0.003,
     "MineSweeperEasy": -0.227,
 }
+# fmt: on
 
 
 def popgym_class(name: str):
@@ -230,8 +234,9 @@ class POPGymMetaEnv(gym.Env):
     task then restarts in a new random variant (a plain reset re-draws cards, goals and noise).
     """
 
-    def __init__(self, tasks: list[str], one_shot: bool = True, task: str | None = None,
-                 reward_scales: dict[str, float] | None = None):
+    def __init__(
+        self, tasks: list[str], one_shot: bool = True, task: str | None = None, reward_scales: dict[str, float] | None = None
+    ):
         self.tasks, self.one_shot, self.pinned = tasks, one_shot, task
         self.reward_scales = dict(reward_scales or {})  # rescaled-reward experiment (paper Fig. 6, here on POPGym)
         self.envs = {name: popgym_class(name)() for name in tasks}
@@ -297,7 +302,7 @@ def make_eval_envs(args: Args) -> list:
 
 
 def parse_reward_scales(s: str, names: list[str]) -> dict[str, float]:
-    """"a=100,b=0.1" -> {"a": 100.0, "b": 0.1} for task (or game) names; "" -> {} (every task on its own scale)."""
+    """ "a=100,b=0.1" -> {"a": 100.0, "b": 0.1} for task (or game) names; "" -> {} (every task on its own scale)."""
     scales = {}
     for item in filter(None, (part.strip() for part in s.split(","))):
         name, sep, value = (x.strip() for x in item.partition("="))
@@ -374,12 +379,19 @@ class TimestepEncoder(nn.Module):
         d_in = obs_space["obs"].shape[0] + action_dim + 2
         self.norm = InputNorm(d_in)
         self.mlp = nn.Sequential(
-            nn.Linear(d_in, 512), nn.LeakyReLU(), nn.Linear(512, 512), nn.LeakyReLU(), nn.Linear(512, d_out), nn.LayerNorm(d_out)
+            nn.Linear(d_in, 512),
+            nn.LeakyReLU(),
+            nn.Linear(512, 512),
+            nn.LeakyReLU(),
+            nn.Linear(512, d_out),
+            nn.LayerNorm(d_out),
         )
 
     def forward(self, obs, prev_action, prev_reward, reset, mask=None):
         # obs["obs"]: (B, L, 27), prev_action: (B, L) long, prev_reward / reset: (B, L)
-        x = torch.cat([obs["obs"], action_features(prev_action, self.action_dim), prev_reward[..., None], reset[..., None]], -1)
+        x = torch.cat(
+            [obs["obs"], action_features(prev_action, self.action_dim), prev_reward[..., None], reset[..., None]], -1
+        )
         return self.mlp(self.norm(x.float(), mask))
 
 
@@ -516,7 +528,11 @@ class Actor(nn.Module):
         super().__init__()
         self.action_dim, self.num_gammas = action_dim, num_gammas
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * action_dim)
+            nn.Linear(d_model, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, num_gammas * action_dim),
         )
 
     def forward(self, h: torch.Tensor) -> torch.distributions.Categorical:
@@ -528,7 +544,6 @@ class Actor(nn.Module):
 def every_action(agent, n: int, device) -> torch.Tensor:
     """All A discrete actions for each of n states, shaped for q_values: (n, A, 1)."""
     return torch.arange(agent.action_dim, device=device).view(1, -1, 1).expand(n, -1, 1)
-
 
 
 # ---- critics, PopArt and the agent (shared core) ----
@@ -547,8 +562,16 @@ class CriticEnsemble(nn.Module):
             return nn.Parameter(torch.empty(num_critics, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
         fan1 = d_model + 1 + action_dim
-        self.w_state, self.w_gamma, self.w_action = param(d_model, hidden, fan_in=fan1), param(1, hidden, fan_in=fan1), param(action_dim, hidden, fan_in=fan1)
-        self.b1, self.w2, self.b2 = param(1, hidden, fan_in=fan1), param(hidden, hidden, fan_in=hidden), param(1, hidden, fan_in=hidden)
+        self.w_state, self.w_gamma, self.w_action = (
+            param(d_model, hidden, fan_in=fan1),
+            param(1, hidden, fan_in=fan1),
+            param(action_dim, hidden, fan_in=fan1),
+        )
+        self.b1, self.w2, self.b2 = (
+            param(1, hidden, fan_in=fan1),
+            param(hidden, hidden, fan_in=hidden),
+            param(1, hidden, fan_in=hidden),
+        )
         self.w3, self.b3 = param(hidden, out, fan_in=hidden), param(1, out, fan_in=hidden)
         self.register_buffer("gamma_feature", symlog(1.0 / (1.0 - gammas))[:, None])  # (G, 1): symlog(1 / (1 - gamma))
 
@@ -654,7 +677,9 @@ class Agent(nn.Module):
             q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
         return q.transpose(-1, -2)
 
-    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+    def q_values(
+        self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False
+    ) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
         return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
@@ -804,11 +829,19 @@ class MetaRollouts:
     def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
         self.envs, self.buffer, self.device = envs, buffer, device
         E, space = envs.num_envs, envs.single_action_space
-        self.context = (KVCache(agent.transformer, E, args.context_len, device) if args.kv_cache
-                        else TokenHistory(E, args.context_len, args.d_token, device))
+        self.context = (
+            KVCache(agent.transformer, E, args.context_len, device)
+            if args.kv_cache
+            else TokenHistory(E, args.context_len, args.d_token, device)
+        )
         self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
-        self.cur.update(prev_action=np.zeros((E, *space.shape), space.dtype), prev_reward=np.zeros(E, np.float32),
-                        reset=np.zeros(E, np.float32), time=np.zeros(E, np.int64), rollout_id=np.zeros(E, np.int64))
+        self.cur.update(
+            prev_action=np.zeros((E, *space.shape), space.dtype),
+            prev_reward=np.zeros(E, np.float32),
+            reset=np.zeros(E, np.float32),
+            time=np.zeros(E, np.int64),
+            rollout_id=np.zeros(E, np.int64),
+        )
 
     def restart(self, seed: int):
         """Start a new meta-rollout in every env."""
@@ -877,8 +910,13 @@ def replay_fields(obs_space: gym.spaces.Dict, action_space: gym.Space) -> dict:
     """What the buffer stores per timestep: the env's observation, the token's other inputs (previous action
     and reward, reset bit), and the learner's reward and terminal flag for the transition into it."""
     fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
-    return fields | {"prev_action": (action_space.shape, action_space.dtype), "prev_reward": ((), np.float32),
-                     "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
+    return fields | {
+        "prev_action": (action_space.shape, action_space.dtype),
+        "prev_reward": ((), np.float32),
+        "reset": ((), np.float32),
+        "reward": ((), np.float32),
+        "terminal": ((), bool),
+    }
 
 
 def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
@@ -893,7 +931,9 @@ def epsilon(args: Args, global_step: int) -> float:
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
-def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
+def explore(
+    actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator
+) -> np.ndarray:
     """Epsilon-greedy on top of policy sampling: each env replaces its action by a uniform one with prob. epsilon."""
     random_actions = rng.integers(action_space.n, size=len(actions))
     return np.where(rng.random(len(actions)) < epsilon, random_actions, actions)
@@ -909,8 +949,14 @@ class Progress:
 
     def __init__(self, args: Args, global_step: int, updates: int):
         self.args, self.updates = args, updates
-        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
-                        mininterval=args.log_every, bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]")
+        self.bar = tqdm(
+            total=args.total_timesteps,
+            initial=global_step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=args.log_every,
+            bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]",
+        )
         self.collect_seconds = self.update_seconds = 0.0
         self.collected = self.timed_updates = 0
         self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
@@ -921,7 +967,11 @@ class Progress:
         self._show()
 
     def update(self, seconds: float):
-        self.update_seconds, self.timed_updates, self.updates = self.update_seconds + seconds, self.timed_updates + 1, self.updates + 1
+        self.update_seconds, self.timed_updates, self.updates = (
+            self.update_seconds + seconds,
+            self.timed_updates + 1,
+            self.updates + 1,
+        )
         self._show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
@@ -941,7 +991,13 @@ class Progress:
 
     def _show(self):
         eta = self.eta_seconds()
-        eta = "estimating" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
+        eta = (
+            "estimating"
+            if eta is None
+            else time.strftime("%H:%M:%S", time.gmtime(eta))
+            if eta < 86400
+            else f"{eta / 86400:.1f} days"
+        )
         ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
         self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
 
@@ -949,23 +1005,33 @@ class Progress:
         self.bar.refresh()
         self.bar.close()
 
+
 def crossed(before: int, after: int, every: int) -> bool:
     """Did this epoch take the step count past a multiple of `every` (0: never)? Evaluations and checkpoints."""
     return every > 0 and after // every > before // every
 
 
-def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int,
-                    rng, args: Args):
+def save_checkpoint(
+    run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args: Args
+):
     """A run killed at any moment resumes from its last good checkpoint: the buffer snapshot is written first, then
     state.pt by atomic rename (the commit point), and only then are older snapshots removed."""
     folder = os.path.join(run_dir, "checkpoint")
     snapshot = f"buffer-{global_step}"
     buffer.save(os.path.join(folder, snapshot))
     state = {
-        "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "counters": {"global_step": global_step, "updates": updates}, "buffer": snapshot, "args": asdict(args),
-        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "counters": {"global_step": global_step, "updates": updates},
+        "buffer": snapshot,
+        "args": asdict(args),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": rng.bit_generator.state,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
@@ -996,9 +1062,26 @@ def fail(message: str):
 
 def check_ranges(args: Args):
     """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
-    counts = ["total_timesteps", "num_envs", "steps_per_epoch", "buffer_size", "batch_size", "context_len", "d_token",
-              "d_model", "d_ff", "n_layers", "n_heads", "num_critics", "head_hidden", "crr_samples", "warmup_updates",
-              "eps_anneal_steps", "eval_episodes", "checkpoint_every"]
+    counts = [
+        "total_timesteps",
+        "num_envs",
+        "steps_per_epoch",
+        "buffer_size",
+        "batch_size",
+        "context_len",
+        "d_token",
+        "d_model",
+        "d_ff",
+        "n_layers",
+        "n_heads",
+        "num_critics",
+        "head_hidden",
+        "crr_samples",
+        "warmup_updates",
+        "eps_anneal_steps",
+        "eval_episodes",
+        "checkpoint_every",
+    ]
     ranges = {name: (getattr(args, name) >= 1, "an integer >= 1") for name in counts}
     ranges |= {
         "updates_per_epoch": (args.updates_per_epoch >= 0, "an integer >= 0"),
@@ -1045,7 +1128,9 @@ def resolve_args(args: Args) -> Args:
             "raise --buffer-size or lower --batch-size / --context-len"
         )
     if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
-        fail(f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
+        fail(
+            f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder"
+        )
     if args.buffer_dir:
         try:
             os.makedirs(args.buffer_dir, exist_ok=True)
@@ -1076,7 +1161,9 @@ if __name__ == "__main__":
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
-    optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
     try:
         buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, args.buffer_dir)
@@ -1135,9 +1222,11 @@ if __name__ == "__main__":
             with autocast:
                 loss, metrics = compute_losses(agent, batch, args)
             if not torch.isfinite(loss):
-                fail(f"non-finite loss ({loss.item()}) at update {updates}: "
-                     + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
-                     + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32.")
+                fail(
+                    f"non-finite loss ({loss.item()}) at update {updates}: "
+                    + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
+                    + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
@@ -1170,8 +1259,10 @@ if __name__ == "__main__":
             tqdm.write(f"checkpoint: {run_dir}/checkpoint at step {global_step:,}")
 
     progress.close()
-    print(f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
-          f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs")
+    print(
+        f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
+        f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
+    )
     envs.close()
     eval_envs.close()
     writer.close()

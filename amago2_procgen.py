@@ -1,6 +1,6 @@
 # AMAGO-2 on multi-game Procgen (easy / memory-hard, two attempts per level): results table in README.md#procgen
-import contextlib
 import collections
+import contextlib
 import copy
 import io
 import os
@@ -27,10 +27,12 @@ with contextlib.redirect_stderr(io.StringIO()):  # procgen imports the legacy gy
 
 # The flags whose paper value depends on --mode (paper Tables 1 and 2): Args fills in those left at None from here,
 # and --games and --horizon from the env's MODES table below.
+# fmt: off
 MODE_DEFAULTS = {
     "easy": {"batch_size": 24, "buffer_size": 18_000_000, "context_len": 128, "n_layers": 3, "impala_channels": [16, 32, 32]},
     "memory-hard": {"batch_size": 16, "buffer_size": 80_000_000, "context_len": 768, "n_layers": 6, "impala_channels": [20, 36, 64]},
 }
+# fmt: on
 
 
 @dataclass
@@ -163,26 +165,32 @@ class Args:
 # The standard Procgen score ranges (R_min, R_max) that normalise returns (Cobbe et al. 2020, "Leveraging Procedural
 # Generation to Benchmark Reinforcement Learning", App. C). Memory mode has none of its own: like the AMAGO-2 paper
 # (App. B) it is normalised with the hard-mode ranges.
+# fmt: off
 EASY_SCORE_RANGES = {
     "bigfish": (1, 40), "bossfight": (0.5, 13), "caveflyer": (3.5, 12), "chaser": (0.5, 13),
     "climber": (2, 12.6), "coinrun": (5, 10), "dodgeball": (1.5, 19), "fruitbot": (-1.5, 32.4),
     "heist": (3.5, 10), "jumper": (3, 10), "leaper": (3, 10), "maze": (5, 10),
     "miner": (1.5, 13), "ninja": (3.5, 10), "plunder": (4.5, 30), "starpilot": (2.5, 64),
 }
+# fmt: on
+# fmt: off
 HARD_SCORE_RANGES = {
     "bigfish": (0, 40), "bossfight": (0.5, 13), "caveflyer": (2, 13.4), "chaser": (0.5, 14.2),
     "climber": (1, 12.6), "coinrun": (5, 10), "dodgeball": (1.5, 19), "fruitbot": (-0.5, 27.2),
     "heist": (2, 10), "jumper": (1, 10), "leaper": (1.5, 10), "maze": (4, 10),
     "miner": (1.5, 20), "ninja": (2, 10), "plunder": (3, 30), "starpilot": (1.5, 35),
 }
+# fmt: on
 PROCGEN_GAMES = list(HARD_SCORE_RANGES)  # all 16 games
 # The six games that have a "memory" distribution (procgen aborts the whole process if another game asks for it).
 MEMORY_GAMES = {"caveflyer", "dodgeball", "heist", "jumper", "maze", "miner"}
 # mode -> (default games, meta-rollout cap H across both attempts, score ranges): paper Sec. 5 and App. B
+# fmt: off
 MODES = {
     "easy": (["climber", "coinrun", "jumper", "ninja", "leaper"], 2500, EASY_SCORE_RANGES),
     "memory-hard": (PROCGEN_GAMES, 5000, HARD_SCORE_RANGES),
 }
+# fmt: on
 BOX = (slice(1, 5), slice(1, 5))  # the black 4x4 box near the top-left corner of every attempt-2 frame (official library)
 EVAL_START_LEVEL = 10**6  # unseen levels: evaluation draws from [10**6, 2**31 - 1), training from [0, num_train_levels)
 
@@ -204,9 +212,16 @@ class ProcgenMetaEnv(gym.Env):
     handle until the process exits: about 11 KB lost per meta-rollout.
     """
 
-    def __init__(self, mode: str = "easy", games: list[str] | None = None, train: bool = True,
-                 num_train_levels: int = 2000, reward_scales: dict[str, float] | None = None,
-                 task: str | None = None, horizon: int | None = None):
+    def __init__(
+        self,
+        mode: str = "easy",
+        games: list[str] | None = None,
+        train: bool = True,
+        num_train_levels: int = 2000,
+        reward_scales: dict[str, float] | None = None,
+        task: str | None = None,
+        horizon: int | None = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"unknown Procgen mode {mode!r}; choose from: {', '.join(MODES)}")
         default_games, default_horizon, self.score_ranges = MODES[mode]
@@ -243,8 +258,12 @@ class ProcgenMetaEnv(gym.Env):
         if self.game not in self.procgen:
             start_level, num_levels = self.level_range
             self.procgen[self.game] = ProcgenGym3Env(
-                num=1, env_name=self.game, distribution_mode=distribution_mode(self.mode, self.game),
-                start_level=start_level, num_levels=num_levels, rand_seed=int(self.np_random.integers(2**31 - 1)),
+                num=1,
+                env_name=self.game,
+                distribution_mode=distribution_mode(self.mode, self.game),
+                start_level=start_level,
+                num_levels=num_levels,
+                rand_seed=int(self.np_random.integers(2**31 - 1)),
                 num_threads=0,  # step in this thread: faster than gym3's worker threads for a single env
             )
         self.env = self.procgen[self.game]
@@ -285,8 +304,14 @@ class ProcgenMetaEnv(gym.Env):
         whole meta-rollout's (both attempts), "steps" its length: the experience it added to the buffer."""
         lo, hi = self.score_ranges[self.game]
         norm = [(r - lo) / (hi - lo) for r in self.returns]
-        return {"return": sum(self.returns), "return_1": self.returns[0], "return_2": self.returns[1],
-                "norm_1": norm[0], "norm_2": norm[1], "steps": float(self.t)}
+        return {
+            "return": sum(self.returns),
+            "return_1": self.returns[0],
+            "return_2": self.returns[1],
+            "norm_1": norm[0],
+            "norm_2": norm[1],
+            "steps": float(self.t),
+        }
 
     def close(self):
         # Close what you build: a gym3 env left to the garbage collector deadlocks the process if it is collected
@@ -297,7 +322,7 @@ class ProcgenMetaEnv(gym.Env):
 
 
 def parse_reward_scales(s: str, names: list[str]) -> dict[str, float]:
-    """"a=100,b=0.1" -> {"a": 100.0, "b": 0.1} for task (or game) names; "" -> {} (every task on its own scale)."""
+    """ "a=100,b=0.1" -> {"a": 100.0, "b": 0.1} for task (or game) names; "" -> {} (every task on its own scale)."""
     scales = {}
     for item in filter(None, (part.strip() for part in s.split(","))):
         name, sep, value = (x.strip() for x in item.partition("="))
@@ -344,7 +369,9 @@ def check_env_args(args: Args):
     if set(scales) - set(args.games):
         fail(f"--reward-scales names game(s) not played: {sorted(set(scales) - set(args.games))}")
     if not 0 < args.num_train_levels <= EVAL_START_LEVEL:
-        fail(f"--num-train-levels must be in [1, {EVAL_START_LEVEL}] (evaluation levels start there), got {args.num_train_levels}")
+        fail(
+            f"--num-train-levels must be in [1, {EVAL_START_LEVEL}] (evaluation levels start there), got {args.num_train_levels}"
+        )
     if args.horizon <= 0:
         fail(f"--horizon must be positive, got {args.horizon}")
     if not 0.0 <= args.augment_fraction <= 1.0:
@@ -394,7 +421,9 @@ class TimestepEncoder(nn.Module):
     of symlog([prev action one-hot, prev reward, reset]) -> Linear -> LayerNorm. `channels` are the IMPALA block
     depths (paper Table 2: Atari and Procgen easy 16, 32, 32; Procgen memory-hard 20, 36, 64)."""
 
-    def __init__(self, obs_space: gym.spaces.Dict, action_dim: int, d_out: int, channels=(16, 32, 32), image_features: int = 256):
+    def __init__(
+        self, obs_space: gym.spaces.Dict, action_dim: int, d_out: int, channels=(16, 32, 32), image_features: int = 256
+    ):
         super().__init__()
         self.action_dim = action_dim
         H, W, C = obs_space["image"].shape
@@ -415,9 +444,13 @@ class TimestepEncoder(nn.Module):
         B, L = img.shape[:2]
         x = img.reshape(B * L, *img.shape[2:]).permute(0, 3, 1, 2).float() / 128.0 - 1.0  # (B*L, 3, H, W)
         x = self.image_proj(self.cnn(x)).reshape(B, L, -1)  # (B, L, image_features)
-        rl2 = torch.cat([action_features(prev_action, self.action_dim), prev_reward[..., None].float(), reset[..., None].float()], -1)
+        rl2 = torch.cat(
+            [action_features(prev_action, self.action_dim), prev_reward[..., None].float(), reset[..., None].float()], -1
+        )
         rl2 = self.rl2_proj(symlog(rl2))  # symlog: raw Atari rewards reach the thousands
-        return self.out_norm(self.merge(F.leaky_relu(torch.cat([x, rl2], -1))))  # activation before the merge (official library)
+        return self.out_norm(
+            self.merge(F.leaky_relu(torch.cat([x, rl2], -1)))
+        )  # activation before the merge (official library)
 
 
 def random_shift(frames: torch.Tensor, pad: int = 4, fraction: float = 0.75) -> torch.Tensor:
@@ -570,7 +603,11 @@ class Actor(nn.Module):
         super().__init__()
         self.action_dim, self.num_gammas = action_dim, num_gammas
         self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU(), nn.Linear(hidden, num_gammas * action_dim)
+            nn.Linear(d_model, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(),
+            nn.Linear(hidden, num_gammas * action_dim),
         )
 
     def forward(self, h: torch.Tensor) -> torch.distributions.Categorical:
@@ -582,7 +619,6 @@ class Actor(nn.Module):
 def every_action(agent, n: int, device) -> torch.Tensor:
     """All A discrete actions for each of n states, shaped for q_values: (n, A, 1)."""
     return torch.arange(agent.action_dim, device=device).view(1, -1, 1).expand(n, -1, 1)
-
 
 
 # ---- critics, PopArt and the agent (shared core) ----
@@ -601,8 +637,16 @@ class CriticEnsemble(nn.Module):
             return nn.Parameter(torch.empty(num_critics, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
         fan1 = d_model + 1 + action_dim
-        self.w_state, self.w_gamma, self.w_action = param(d_model, hidden, fan_in=fan1), param(1, hidden, fan_in=fan1), param(action_dim, hidden, fan_in=fan1)
-        self.b1, self.w2, self.b2 = param(1, hidden, fan_in=fan1), param(hidden, hidden, fan_in=hidden), param(1, hidden, fan_in=hidden)
+        self.w_state, self.w_gamma, self.w_action = (
+            param(d_model, hidden, fan_in=fan1),
+            param(1, hidden, fan_in=fan1),
+            param(action_dim, hidden, fan_in=fan1),
+        )
+        self.b1, self.w2, self.b2 = (
+            param(1, hidden, fan_in=fan1),
+            param(hidden, hidden, fan_in=hidden),
+            param(1, hidden, fan_in=hidden),
+        )
         self.w3, self.b3 = param(hidden, out, fan_in=hidden), param(1, out, fan_in=hidden)
         self.register_buffer("gamma_feature", symlog(1.0 / (1.0 - gammas))[:, None])  # (G, 1): symlog(1 / (1 - gamma))
 
@@ -708,7 +752,9 @@ class Agent(nn.Module):
             q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
         return q.transpose(-1, -2)
 
-    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False) -> torch.Tensor:
+    def q_values(
+        self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False
+    ) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
         return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
@@ -858,11 +904,19 @@ class MetaRollouts:
     def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
         self.envs, self.buffer, self.device = envs, buffer, device
         E, space = envs.num_envs, envs.single_action_space
-        self.context = (KVCache(agent.transformer, E, args.context_len, device) if args.kv_cache
-                        else TokenHistory(E, args.context_len, args.d_token, device))
+        self.context = (
+            KVCache(agent.transformer, E, args.context_len, device)
+            if args.kv_cache
+            else TokenHistory(E, args.context_len, args.d_token, device)
+        )
         self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
-        self.cur.update(prev_action=np.zeros((E, *space.shape), space.dtype), prev_reward=np.zeros(E, np.float32),
-                        reset=np.zeros(E, np.float32), time=np.zeros(E, np.int64), rollout_id=np.zeros(E, np.int64))
+        self.cur.update(
+            prev_action=np.zeros((E, *space.shape), space.dtype),
+            prev_reward=np.zeros(E, np.float32),
+            reset=np.zeros(E, np.float32),
+            time=np.zeros(E, np.int64),
+            rollout_id=np.zeros(E, np.int64),
+        )
 
     def restart(self, seed: int):
         """Start a new meta-rollout in every env."""
@@ -931,8 +985,13 @@ def replay_fields(obs_space: gym.spaces.Dict, action_space: gym.Space) -> dict:
     """What the buffer stores per timestep: the env's observation, the token's other inputs (previous action
     and reward, reset bit), and the learner's reward and terminal flag for the transition into it."""
     fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
-    return fields | {"prev_action": (action_space.shape, action_space.dtype), "prev_reward": ((), np.float32),
-                     "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
+    return fields | {
+        "prev_action": (action_space.shape, action_space.dtype),
+        "prev_reward": ((), np.float32),
+        "reset": ((), np.float32),
+        "reward": ((), np.float32),
+        "terminal": ((), bool),
+    }
 
 
 def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
@@ -947,7 +1006,9 @@ def epsilon(args: Args, global_step: int) -> float:
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
-def explore(actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
+def explore(
+    actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator
+) -> np.ndarray:
     """Epsilon-greedy on top of policy sampling: each env replaces its action by a uniform one with prob. epsilon."""
     random_actions = rng.integers(action_space.n, size=len(actions))
     return np.where(rng.random(len(actions)) < epsilon, random_actions, actions)
@@ -963,8 +1024,14 @@ class Progress:
 
     def __init__(self, args: Args, global_step: int, updates: int):
         self.args, self.updates = args, updates
-        self.bar = tqdm(total=args.total_timesteps, initial=global_step, unit="step", dynamic_ncols=True,
-                        mininterval=args.log_every, bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]")
+        self.bar = tqdm(
+            total=args.total_timesteps,
+            initial=global_step,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=args.log_every,
+            bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]",
+        )
         self.collect_seconds = self.update_seconds = 0.0
         self.collected = self.timed_updates = 0
         self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
@@ -975,7 +1042,11 @@ class Progress:
         self._show()
 
     def update(self, seconds: float):
-        self.update_seconds, self.timed_updates, self.updates = self.update_seconds + seconds, self.timed_updates + 1, self.updates + 1
+        self.update_seconds, self.timed_updates, self.updates = (
+            self.update_seconds + seconds,
+            self.timed_updates + 1,
+            self.updates + 1,
+        )
         self._show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
@@ -995,7 +1066,13 @@ class Progress:
 
     def _show(self):
         eta = self.eta_seconds()
-        eta = "estimating" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days"
+        eta = (
+            "estimating"
+            if eta is None
+            else time.strftime("%H:%M:%S", time.gmtime(eta))
+            if eta < 86400
+            else f"{eta / 86400:.1f} days"
+        )
         ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
         self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
 
@@ -1003,23 +1080,33 @@ class Progress:
         self.bar.refresh()
         self.bar.close()
 
+
 def crossed(before: int, after: int, every: int) -> bool:
     """Did this epoch take the step count past a multiple of `every` (0: never)? Evaluations and checkpoints."""
     return every > 0 and after // every > before // every
 
 
-def save_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int,
-                    rng, args: Args):
+def save_checkpoint(
+    run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args: Args
+):
     """A run killed at any moment resumes from its last good checkpoint: the buffer snapshot is written first, then
     state.pt by atomic rename (the commit point), and only then are older snapshots removed."""
     folder = os.path.join(run_dir, "checkpoint")
     snapshot = f"buffer-{global_step}"
     buffer.save(os.path.join(folder, snapshot))
     state = {
-        "agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "counters": {"global_step": global_step, "updates": updates}, "buffer": snapshot, "args": asdict(args),
-        "rng": {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "agent": agent.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "counters": {"global_step": global_step, "updates": updates},
+        "buffer": snapshot,
+        "args": asdict(args),
+        "rng": {
+            "python": random.getstate(),
+            "numpy": rng.bit_generator.state,
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
@@ -1050,9 +1137,26 @@ def fail(message: str):
 
 def check_ranges(args: Args):
     """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
-    counts = ["total_timesteps", "num_envs", "steps_per_epoch", "buffer_size", "batch_size", "context_len", "d_token",
-              "d_model", "d_ff", "n_layers", "n_heads", "num_critics", "head_hidden", "crr_samples", "warmup_updates",
-              "eps_anneal_steps", "eval_episodes", "checkpoint_every"]
+    counts = [
+        "total_timesteps",
+        "num_envs",
+        "steps_per_epoch",
+        "buffer_size",
+        "batch_size",
+        "context_len",
+        "d_token",
+        "d_model",
+        "d_ff",
+        "n_layers",
+        "n_heads",
+        "num_critics",
+        "head_hidden",
+        "crr_samples",
+        "warmup_updates",
+        "eps_anneal_steps",
+        "eval_episodes",
+        "checkpoint_every",
+    ]
     ranges = {name: (getattr(args, name) >= 1, "an integer >= 1") for name in counts}
     ranges |= {
         "updates_per_epoch": (args.updates_per_epoch >= 0, "an integer >= 0"),
@@ -1099,7 +1203,9 @@ def resolve_args(args: Args) -> Args:
             "raise --buffer-size or lower --batch-size / --context-len"
         )
     if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
-        fail(f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
+        fail(
+            f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder"
+        )
     if args.buffer_dir:
         try:
             os.makedirs(args.buffer_dir, exist_ok=True)
@@ -1130,7 +1236,9 @@ if __name__ == "__main__":
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
-    optimizer = torch.optim.AdamW([p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
     try:
         buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, args.buffer_dir)
@@ -1195,9 +1303,11 @@ if __name__ == "__main__":
             with autocast:
                 loss, metrics = compute_losses(agent, batch, args)
             if not torch.isfinite(loss):
-                fail(f"non-finite loss ({loss.item()}) at update {updates}: "
-                     + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
-                     + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32.")
+                fail(
+                    f"non-finite loss ({loss.item()}) at update {updates}: "
+                    + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
+                    + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
@@ -1230,8 +1340,10 @@ if __name__ == "__main__":
             tqdm.write(f"checkpoint: {run_dir}/checkpoint at step {global_step:,}")
 
     progress.close()
-    print(f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
-          f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs")
+    print(
+        f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
+        f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
+    )
     envs.close()
     eval_envs.close()
     writer.close()

@@ -7,6 +7,7 @@ time index, which is all that is needed to find rollout boundaries: two rows bel
 window iff they have the same rollout id and consecutive time indices. That rule also holds across
 the ring's wrap point and after a resume, so no other bookkeeping is required.
 """
+
 import json
 import os
 import shutil

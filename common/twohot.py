@@ -1,4 +1,5 @@
 """symlog / symexp and two-hot labels over bins spaced evenly in symlog space (paper App. B, Eqs. 5-8)."""
+
 import torch
 
 

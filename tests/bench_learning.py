@@ -29,41 +29,54 @@ sys.path.insert(0, ROOT)
 # tasks have 2-4 actions: with MineSweeperEasy (16 actions) or MultiarmedBanditEasy (10) in the set, the mean
 # normalised score stayed at 0.00-0.09 for 75k steps (see the README).
 POPGYM_TASKS = ["RepeatFirstEasy", "HigherLowerEasy", "PositionOnlyCartPoleEasy", "VelocityOnlyCartpoleEasy"]
+# fmt: off
 SMALL_MODEL = ["--context-len", "64", "--batch-size", "16", "--d-model", "64", "--d-ff", "256", "--n-layers", "2",
                "--n-heads", "4", "--d-token", "64", "--head-hidden", "64", "--learning-rate", "3e-4"]
+# fmt: on
+# fmt: off
 POPGYM_DEMO = ["--tasks", *POPGYM_TASKS, "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16",
                *SMALL_MODEL, "--buffer-size", "400000", "--eps-anneal-steps", "4000", "--eval-every", "25000",
                "--eval-episodes", "10"]
+# fmt: on
 
 # Paper Fig. 6 / 9 in miniature: two tasks in the single-episode protocol (so both learn within a short budget), with
 # their default rewards and with one rescaled x100 and the other x0.01, for Ind/Ind and Dep/Dep.
+# fmt: off
 REWARD_SCALE_DEMO = [*POPGYM_DEMO, "--tasks", "RepeatFirstEasy", "HigherLowerEasy", "--no-one-shot", "--eval-every",
                      "10000", "--total-timesteps", "50000"]
+# fmt: on
 
 # The BabyAI demo: four single-room training tasks, two attempts on the same layout, evaluated on unseen layout
 # seeds of those tasks and on two held-out tasks; context 128 spans both attempts (time limits 36-64 steps each).
+# fmt: off
 BABYAI_DEMO = ["--tasks", "GoToRedBallNoDists", "GoToRedBall", "GoToObjS6", "OneRoomS8", "--test-tasks", "GoToRedBallGrey",
                "GoToObjS4", "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", *SMALL_MODEL,
                "--context-len", "128", "--batch-size", "8", "--buffer-size", "400000", "--eps-anneal-steps", "4000",
                "--eval-every", "20000", "--eval-episodes", "10", "--total-timesteps", "100000"]
+# fmt: on
 
 # The Meta-World demo: ML1 reach-v3 (the goal is hidden, 50 training goals, held-out goals for test) with the paper's
 # k = 3 attempts, shortened to 100-step episodes so that a 300-step meta-rollout fits one context; one meta-rollout
 # per env per epoch.
+# fmt: off
 METAWORLD_DEMO = ["--benchmark", "ML1", "--ml1-task", "reach-v3", "--episode-length", "100", "--num-envs", "8",
                   "--steps-per-epoch", "300", "--updates-per-epoch", "48", *SMALL_MODEL, "--context-len", "300",
                   "--batch-size", "8", "--buffer-size", "400000", "--eps-anneal-steps", "3000", "--eval-every", "25000",
                   "--eval-episodes", "6", "--total-timesteps", "100000"]
+# fmt: on
 
 # The pixel demos: the paper's IMPALA encoder with fewer channels, short contexts, one game each.
+# fmt: off
 SMALL_PIXELS = [*SMALL_MODEL, "--impala-channels", "8", "16", "16", "--context-len", "32", "--batch-size", "8",
                 "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", "--buffer-size", "200000",
                 "--eps-anneal-steps", "3000", "--eval-every", "10000", "--total-timesteps", "60000"]
+# fmt: on
 # Procgen: coinrun (a paper Fig. 6 game) in its two-attempt protocol, 200 training levels, evaluated on unseen levels.
 PROCGEN_DEMO = ["--games", "coinrun", "--num-train-levels", "200", *SMALL_PIXELS, "--eval-episodes", "4"]
 # Atari: Boxing (a paper Fig. 9 game; fixed 2-minute rounds, so evaluation time is bounded), raw scores.
 ATARI_DEMO = ["--games", "Boxing", *SMALL_PIXELS, "--eval-episodes", "2"]
 
+# fmt: off
 BENCHMARKS = {
     # name: script, {config label: flags}, the TensorBoard scalar to plot and its label
     "popgym": dict(script="amago2_popgym.py", configs={"ind/ind": [*POPGYM_DEMO, "--total-timesteps", "120000"]},
@@ -88,6 +101,7 @@ BENCHMARKS = {
         },
         metric="eval/normalised_score", label="mean normalised score (2 tasks, default reward scale)"),
 }
+# fmt: on
 
 
 def run_name(benchmark: str, config: str, seed: int) -> str:
@@ -157,8 +171,16 @@ def plot(benchmark: str, spec: dict, curves: dict, random_level: float):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for c, (config, runs) in enumerate(curves.items()):
         for k, (seed, (steps, values, _)) in enumerate(sorted(runs.items())):
-            ax.plot(steps, values, color=colors[c % len(colors)], alpha=0.9, marker="o", markersize=3,
-                    linestyle="-" if k == 0 else "--", label=f"{config}, seed {seed}")
+            ax.plot(
+                steps,
+                values,
+                color=colors[c % len(colors)],
+                alpha=0.9,
+                marker="o",
+                markersize=3,
+                linestyle="-" if k == 0 else "--",
+                label=f"{config}, seed {seed}",
+            )
     ax.axhline(random_level, color="grey", linestyle=":", label="random policy")
     ax.set_xlabel("environment steps")
     ax.set_ylabel(spec["label"])
@@ -206,14 +228,19 @@ def main():
     for config, runs in curves.items():
         for seed, (steps, values, minutes) in sorted(runs.items()):
             finals = [read_curve(run_name(opts.benchmark, config, seed), tag)[1][-1] for tag in extra]
-            print(f"| {config} | {seed} | {steps[-1]:,} | {minutes:.1f} | {values[0]:.3f} | {values[-1]:.3f} |"
-                  + "".join(f" {v:.3f} |" for v in finals))
+            print(
+                f"| {config} | {seed} | {steps[-1]:,} | {minutes:.1f} | {values[0]:.3f} | {values[-1]:.3f} |"
+                + "".join(f" {v:.3f} |" for v in finals)
+            )
     if extra:
         print("random policy: " + ", ".join(f"{tag} {reference[tag.removeprefix('eval/')]:.3f}" for tag in extra))
     tasks = sorted(k.split("/")[0] for k in reference if k.endswith("/return"))
     if tasks:
-        print("\nfinal eval return per task (mean over seeds); random policy: "
-              + ", ".join(f"{t} {reference[t + '/return']:.3f}" for t in tasks) + "\n")
+        print(
+            "\nfinal eval return per task (mean over seeds); random policy: "
+            + ", ".join(f"{t} {reference[t + '/return']:.3f}" for t in tasks)
+            + "\n"
+        )
         print("| config | " + " | ".join(tasks) + " |")
         print("|---|" + "---|" * len(tasks))
         for config in curves:

@@ -8,6 +8,7 @@ recompute; (b) gradient updates/s; (c) the update's achieved FLOP/s as a fractio
 matmul throughput here; (d) peak resident memory. The comparison config is the one the official
 library was measured at on this machine (see README#speed).
 """
+
 import argparse
 import os
 import resource
@@ -23,10 +24,41 @@ import amago2_popgym as A  # noqa: E402
 
 CONFIGS = {
     # the official library's measurement config: RepeatPreviousEasy, single-episode protocol, 19 gammas
-    "comparison": dict(tasks=["RepeatPreviousEasy"], one_shot=False, d_model=128, n_layers=2, n_heads=4, d_ff=512,
-                       context_len=64, batch_size=24, num_critics=4, num_bins=64, crr_samples=3, num_envs=12,
-                       gammas=[0.1, 0.7, 0.9, 0.93, 0.95, 0.98, 0.99, 0.992, 0.994, 0.995, 0.997, 0.998, 0.999,
-                               0.9991, 0.9992, 0.9993, 0.9994, 0.9995, 0.999]),
+    "comparison": dict(
+        tasks=["RepeatPreviousEasy"],
+        one_shot=False,
+        d_model=128,
+        n_layers=2,
+        n_heads=4,
+        d_ff=512,
+        context_len=64,
+        batch_size=24,
+        num_critics=4,
+        num_bins=64,
+        crr_samples=3,
+        num_envs=12,
+        gammas=[
+            0.1,
+            0.7,
+            0.9,
+            0.93,
+            0.95,
+            0.98,
+            0.99,
+            0.992,
+            0.994,
+            0.995,
+            0.997,
+            0.998,
+            0.999,
+            0.9991,
+            0.9992,
+            0.9993,
+            0.9994,
+            0.9995,
+            0.999,
+        ],
+    ),
     # the paper's POPGym size (Table 2) on all 27 tasks
     "paper": dict(),
 }
@@ -50,8 +82,15 @@ def collection_sps(cfg, async_envs: bool, steps: int) -> float:
     args = build(cfg, async_envs=async_envs)
     envs = A.make_vector_env([A.make_env(args, i, True) for i in range(args.num_envs)], async_envs)
     agent = A.Agent(envs.single_observation_space, envs.single_action_space.n, args).eval()
-    rollouts = A.MetaRollouts(envs, agent, args, "cpu", A.ReplayBuffer(
-        A.replay_fields(envs.single_observation_space, envs.single_action_space), args.buffer_size, args.num_envs))
+    rollouts = A.MetaRollouts(
+        envs,
+        agent,
+        args,
+        "cpu",
+        A.ReplayBuffer(
+            A.replay_fields(envs.single_observation_space, envs.single_action_space), args.buffer_size, args.num_envs
+        ),
+    )
     rollouts.restart(0)
     rng = np.random.default_rng(0)
     eps = np.full(args.num_envs, 0.1)
@@ -91,7 +130,9 @@ def updates(cfg, precision: str, n: int):
     args = build(cfg, precision=precision)
     envs = A.make_vector_env([A.make_env(args, i, True) for i in range(args.num_envs)], False)
     agent = A.Agent(envs.single_observation_space, envs.single_action_space.n, args)
-    buffer = A.ReplayBuffer(A.replay_fields(envs.single_observation_space, envs.single_action_space), args.buffer_size, args.num_envs)
+    buffer = A.ReplayBuffer(
+        A.replay_fields(envs.single_observation_space, envs.single_action_space), args.buffer_size, args.num_envs
+    )
     rollouts = A.MetaRollouts(envs, agent, args, "cpu", buffer)
     rollouts.restart(0)
     rng = np.random.default_rng(0)
@@ -144,9 +185,13 @@ if __name__ == "__main__":
         for kv in [True, False]:
             for pos in [10, 500]:
                 sps = inference_sps(cfg, kv, pos, 50)
-                print(f"(a) inference only at context position {pos}, {'KV cache' if kv else 'full recompute'}: {sps:,.0f} env steps/s")
+                print(
+                    f"(a) inference only at context position {pos}, {'KV cache' if kv else 'full recompute'}: {sps:,.0f} env steps/s"
+                )
         for precision in opts.precision:
             ups, flops = updates(cfg, precision, opts.updates if name == "comparison" else max(1, opts.updates // 3))
             print(f"(b) {precision}: {ups:.3f} updates/s, {flops / 1e9:.1f} GFLOP per update")
-            print(f"(c) {precision}: achieved {ups * flops / 1e9:.1f} GFLOP/s = {ups * flops / peaks[precision]:.0%} of the {precision} matmul peak")
+            print(
+                f"(c) {precision}: achieved {ups * flops / 1e9:.1f} GFLOP/s = {ups * flops / peaks[precision]:.0%} of the {precision} matmul peak"
+            )
     print(f"\n(d) peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GB")

@@ -2,6 +2,7 @@
 
 Not a test: prints the RANDOM_RETURNS table. python tests/measure_popgym_random.py [episodes]
 """
+
 import os
 import sys
 

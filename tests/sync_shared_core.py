@@ -3,6 +3,7 @@
 Every top-level function or class that a script shares with amago2_popgym.py, and that is not in
 test_shared_core.EXEMPT, is replaced by amago2_popgym.py's text. Usage: python tests/sync_shared_core.py
 """
+
 import ast
 import glob
 import os

@@ -1,4 +1,5 @@
 """Atari wrapper, pixel timestep encoder and DrQ-v2 shift of amago2_atari.py (fast, CPU only)."""
+
 import os
 import sys
 from types import SimpleNamespace
@@ -33,6 +34,7 @@ def play(env, n_steps, seed=0):
 
 
 # ---------------------------------------------------------------- env wrapper
+
 
 def test_obs_and_action_spaces():
     env = atari.AtariEnv("Pong", seed=0)
@@ -135,6 +137,7 @@ def test_truncation_is_not_termination():
 def test_an_explicit_seed_replaces_the_construction_seed():
     """A seeded reset (MetaRollouts.restart) must not leave the construction seed for the next, unseeded reset:
     that would replay the construction seed's sticky-action stream in the second game."""
+
     def frames_after(env, seed=None):
         env.reset(seed=seed)
         return np.stack([env.step(a)[0]["image"] for a in [1] + [3, 4] * 60])
@@ -157,8 +160,11 @@ def test_human_normalized_score_known_values():
 
 
 def test_summarize_eval():
-    per_task = {"Pong": {"return": 0.0, "hns": 0.5}, "Boxing": {"return": 10.0, "hns": 3.0},
-                "Qbert": {"return": 200.0, "hns": 1.0}}
+    per_task = {
+        "Pong": {"return": 0.0, "hns": 0.5},
+        "Boxing": {"return": 10.0, "hns": 3.0},
+        "Qbert": {"return": 200.0, "hns": 1.0},
+    }
     s = atari.summarize_eval(per_task)
     assert s == pytest.approx({"hns_mean": 1.5, "hns_median": 1.0, "return_mean": 70.0})
 
@@ -181,12 +187,19 @@ def test_capture_video_wraps_eval_env_0_only(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- replay of uint8 frames on disk
 
+
 def test_disk_backed_buffer_round_trip(tmp_path):
     """uint8 frames stay uint8 in a memory-mapped buffer, come back exactly, and survive save / reopen / load."""
     from common.replay import ReplayBuffer
 
-    fields = {"image": ((84, 84, 3), np.uint8), "prev_action": ((), np.int64), "prev_reward": ((), np.float32),
-              "reset": ((), np.float32), "reward": ((), np.float32), "terminal": ((), bool)}
+    fields = {
+        "image": ((84, 84, 3), np.uint8),
+        "prev_action": ((), np.int64),
+        "prev_reward": ((), np.float32),
+        "reset": ((), np.float32),
+        "reward": ((), np.float32),
+        "terminal": ((), bool),
+    }
     buf = ReplayBuffer(fields, 200, 2, path=str(tmp_path / "buf"))
     assert isinstance(buf.data["image"], np.memmap) and (tmp_path / "buf" / "image.npy").exists()
     assert "memory-mapped" in buf.footprint()
@@ -194,9 +207,18 @@ def test_disk_backed_buffer_round_trip(tmp_path):
     frames = rng.integers(0, 256, (30, 2, 84, 84, 3), dtype=np.uint8)
     ids = buf.new_rollout_ids(2)
     for t in range(30):
-        buf.add({"image": frames[t], "prev_action": np.full(2, t % 18), "prev_reward": np.zeros(2, np.float32),
-                 "reset": np.zeros(2, np.float32), "reward": np.ones(2, np.float32), "terminal": np.zeros(2, bool),
-                 "rollout_id": ids, "time": np.full(2, t)})
+        buf.add(
+            {
+                "image": frames[t],
+                "prev_action": np.full(2, t % 18),
+                "prev_reward": np.zeros(2, np.float32),
+                "reset": np.zeros(2, np.float32),
+                "reward": np.ones(2, np.float32),
+                "terminal": np.zeros(2, bool),
+                "rollout_id": ids,
+                "time": np.full(2, t),
+            }
+        )
     batch = buf.sample(8, 6, rng)
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (8, 6, 84, 84, 3)
     env_of = np.where(batch["rollout_id"] == ids[0], 0, 1)  # (B, L)
@@ -214,12 +236,12 @@ def test_disk_backed_buffer_round_trip(tmp_path):
 
 # ---------------------------------------------------------------- DrQ-v2 random shift
 
+
 def edge_crops(frame, pad):
     """All (2 pad + 1)^2 crops of the edge-padded frame (H, W, C), by brute force."""
     x = F.pad(frame.permute(2, 0, 1)[None].float(), (pad,) * 4, mode="replicate")[0].permute(1, 2, 0)
     H, W = frame.shape[:2]
-    return {(dy, dx): x[dy:dy + H, dx:dx + W].to(frame.dtype)
-            for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)}
+    return {(dy, dx): x[dy : dy + H, dx : dx + W].to(frame.dtype) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)}
 
 
 def noise_frames(n, h=12, w=10, seed=0):
@@ -265,6 +287,7 @@ def test_random_shift_fraction_leaves_the_rest_untouched():
 
 
 # ---------------------------------------------------------------- pixel timestep encoder
+
 
 def encoder_inputs(B, L, hw=84, num_actions=18):
     g = torch.Generator().manual_seed(0)

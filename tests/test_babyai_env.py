@@ -1,4 +1,5 @@
 """BabyAI meta-rollout wrapper, tokeniser, eval summary and timestep encoder of amago2_babyai.py."""
+
 import os
 import sys
 from types import SimpleNamespace
@@ -10,13 +11,21 @@ import scipy.stats
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import amago2_babyai as ab  # noqa: E402
 from minigrid.utils.baby_ai_bot import BabyAIBot  # noqa: E402
+
+import amago2_babyai as ab  # noqa: E402
 
 # The 28 registered BabyAI ids that are not tasks here: multi-step and Synth/Boss families.
 EXCLUDED_PREFIXES = (
-    "PutNext", "GoToSeq", "MoveTwoAcross", "OpenDoorsOrder", "OpenTwoDoors", "OpenRedBlueDoorsDebug",
-    "Synth", "BossLevel", "MiniBossLevel",
+    "PutNext",
+    "GoToSeq",
+    "MoveTwoAcross",
+    "OpenDoorsOrder",
+    "OpenTwoDoors",
+    "OpenRedBlueDoorsDebug",
+    "Synth",
+    "BossLevel",
+    "MiniBossLevel",
 )
 TURN_LEFT = 0  # never finishes a task: every attempt runs to the time limit
 
@@ -204,11 +213,17 @@ def test_make_env_in_a_vector_env():
 
 def test_summarize_eval_known_answer():
     returns = [0.0, 0.1, 0.2, 0.3, 1.0]  # IQM with n = 5 drops one task at each end: mean(0.1, 0.2, 0.3) = 0.2
-    per_task = {f"t{i}": {"return": r, "return_1": r, "return_2": [r, 2 * r], "success_1": float(r > 0), "success_2": 1.0}
-                for i, r in enumerate(returns)}
+    per_task = {
+        f"t{i}": {"return": r, "return_1": r, "return_2": [r, 2 * r], "success_1": float(r > 0), "success_2": 1.0}
+        for i, r in enumerate(returns)
+    }
     # held-out tasks ("test/<task>") are summarised on their own: returns 0.5 and 0.7, nothing mixes across splits
-    per_task.update({f"test/u{i}": {"return": r, "return_1": r, "return_2": r, "success_1": 1.0, "success_2": 0.0}
-                     for i, r in enumerate([0.5, 0.7])})
+    per_task.update(
+        {
+            f"test/u{i}": {"return": r, "return_1": r, "return_2": r, "success_1": 1.0, "success_2": 0.0}
+            for i, r in enumerate([0.5, 0.7])
+        }
+    )
     s = ab.summarize_eval(per_task)
     assert s["train_return_1_median"] == pytest.approx(0.2)
     assert s["train_return_1_mean"] == pytest.approx(0.32)
@@ -221,8 +236,12 @@ def test_summarize_eval_known_answer():
     for x in ([3.0], [1.0, 5.0], [4.0, 1.0, 2.0], [8.0, 1.0, 2.0, 3.0], list(np.random.default_rng(0).random(68))):
         s = ab.summarize_eval({f"test/{i}": {"return_1": v, "success_1": 0.0} for i, v in enumerate(x)})
         assert s["test_return_1_iqm"] == pytest.approx(scipy.stats.trim_mean(x, 0.25)) and "train_return_1_iqm" not in s
-    assert ab.summarize_eval({str(i): {"return_1": v, "success_1": 0.0}
-                              for i, v in enumerate([8.0, 1.0, 2.0, 3.0])})["train_return_1_iqm"] == 2.5
+    assert (
+        ab.summarize_eval({str(i): {"return_1": v, "success_1": 0.0} for i, v in enumerate([8.0, 1.0, 2.0, 3.0])})[
+            "train_return_1_iqm"
+        ]
+        == 2.5
+    )
 
 
 def test_eval_envs_cover_both_splits_on_unseen_layouts():
@@ -288,12 +307,17 @@ def test_encoder_mission_ignores_padding_and_batch_mates():
         full = enc(obs, prev_action, prev_reward, reset)
         for b in range(2):
             for t in range(6):
-                one = enc({k: v[b:b + 1, t:t + 1] for k, v in obs.items()}, prev_action[b:b + 1, t:t + 1],
-                          prev_reward[b:b + 1, t:t + 1], reset[b:b + 1, t:t + 1])
+                one = enc(
+                    {k: v[b : b + 1, t : t + 1] for k, v in obs.items()},
+                    prev_action[b : b + 1, t : t + 1],
+                    prev_reward[b : b + 1, t : t + 1],
+                    reset[b : b + 1, t : t + 1],
+                )
                 torch.testing.assert_close(one[0, 0], full[b, t])
     # the mission vector is the RNN state after the last real word: the unpadded sequence gives the same one
-    tokens = torch.as_tensor(np.stack([ab.tokenize("go to the red ball"), ab.tokenize("pick up a key"),
-                                       ab.tokenize("go to the red ball")]))
+    tokens = torch.as_tensor(
+        np.stack([ab.tokenize("go to the red ball"), ab.tokenize("pick up a key"), ab.tokenize("go to the red ball")])
+    )
     with torch.no_grad():
         feats = enc.mission_features(tokens)
         for row, n in ((0, 5), (1, 4), (2, 5)):

@@ -1,4 +1,5 @@
 """amago2_atari.py from the command line: every loss combination, save + resume, a disk-backed buffer, bad flags."""
+
 import os
 
 import numpy as np
@@ -7,10 +8,43 @@ import torch
 from cli import run_script
 
 # Breakout and Qbert: the shortest random-play games (about 200 and 300 steps), so the final evaluation is quick.
-TINY = ["--games", "Breakout", "Qbert", "--num-envs", "2", "--steps-per-epoch", "20", "--updates-per-epoch", "2",
-        "--context-len", "8", "--batch-size", "2", "--d-model", "32", "--d-ff", "64", "--n-layers", "1", "--n-heads", "2",
-        "--d-token", "24", "--num-bins", "16", "--head-hidden", "32", "--buffer-size", "1000", "--eval-episodes", "1",
-        "--eval-every", "0", "--total-timesteps", "80"]  # two epochs of 2 envs x 20 steps, 2 updates each
+TINY = [
+    "--games",
+    "Breakout",
+    "Qbert",
+    "--num-envs",
+    "2",
+    "--steps-per-epoch",
+    "20",
+    "--updates-per-epoch",
+    "2",
+    "--context-len",
+    "8",
+    "--batch-size",
+    "2",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--d-token",
+    "24",
+    "--num-bins",
+    "16",
+    "--head-hidden",
+    "32",
+    "--buffer-size",
+    "1000",
+    "--eval-episodes",
+    "1",
+    "--eval-every",
+    "0",
+    "--total-timesteps",
+    "80",
+]  # two epochs of 2 envs x 20 steps, 2 updates each
 
 
 def run(args, cwd):
@@ -18,10 +52,15 @@ def run(args, cwd):
 
 
 # the last combination also covers sync envs, full recompute instead of the KV cache, clipped rewards and all-shifted frames
-@pytest.mark.parametrize("actor_loss,critic_loss,extra", [
-    ("ind", "ind", []), ("ind", "dep", []), ("dep", "ind", []),
-    ("dep", "dep", ["--no-async-envs", "--no-kv-cache", "--clip-rewards", "--augment-fraction", "1.0"]),
-])
+@pytest.mark.parametrize(
+    "actor_loss,critic_loss,extra",
+    [
+        ("ind", "ind", []),
+        ("ind", "dep", []),
+        ("dep", "ind", []),
+        ("dep", "dep", ["--no-async-envs", "--no-kv-cache", "--clip-rewards", "--augment-fraction", "1.0"]),
+    ],
+)
 def test_loss_combinations_run(actor_loss, critic_loss, extra, tmp_path):
     out = run([*TINY, "--actor-loss", actor_loss, "--critic-loss", critic_loss, *extra], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -70,13 +109,16 @@ def test_capture_video(tmp_path):
     assert any(f.endswith(".mp4") for f in os.listdir(tmp_path / "videos" / "v"))
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--games", "Breakout", "NotAGame"], "unknown Atari game"),
-    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
-    (["--num-envs", "3"], "must be a multiple of the 2 games"),
-    (["--buffer-size", "1000000000"], "GiB of RAM but only"),
-    (["--augment-fraction", "1.5"], "--augment-fraction must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--games", "Breakout", "NotAGame"], "unknown Atari game"),
+        (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
+        (["--num-envs", "3"], "must be a multiple of the 2 games"),
+        (["--buffer-size", "1000000000"], "GiB of RAM but only"),
+        (["--augment-fraction", "1.5"], "--augment-fraction must be in [0, 1]"),
+    ],
+)
 def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):
     out = run([*TINY, *flags], tmp_path)
     assert out.returncode == 2

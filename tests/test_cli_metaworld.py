@@ -6,10 +6,46 @@ import torch
 from cli import run_script
 
 # meta-rollouts of 3 x 10 steps; two epochs of 2 envs x 30 steps, 2 updates each
-TINY = ["--benchmark", "ML1", "--ml1-task", "reach-v3", "--episode-length", "10", "--num-envs", "2",
-        "--steps-per-epoch", "30", "--updates-per-epoch", "2", "--context-len", "12", "--batch-size", "3",
-        "--d-model", "32", "--d-ff", "64", "--n-layers", "1", "--n-heads", "2", "--d-token", "24", "--num-bins", "16",
-        "--head-hidden", "32", "--buffer-size", "1000", "--eval-episodes", "1", "--eval-every", "0", "--total-timesteps", "120"]
+TINY = [
+    "--benchmark",
+    "ML1",
+    "--ml1-task",
+    "reach-v3",
+    "--episode-length",
+    "10",
+    "--num-envs",
+    "2",
+    "--steps-per-epoch",
+    "30",
+    "--updates-per-epoch",
+    "2",
+    "--context-len",
+    "12",
+    "--batch-size",
+    "3",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--d-token",
+    "24",
+    "--num-bins",
+    "16",
+    "--head-hidden",
+    "32",
+    "--buffer-size",
+    "1000",
+    "--eval-episodes",
+    "1",
+    "--eval-every",
+    "0",
+    "--total-timesteps",
+    "120",
+]
 
 
 def run(args, cwd):
@@ -45,11 +81,14 @@ def test_save_then_resume_continues(tmp_path):
     assert state["counters"]["global_step"] == 240 and state["args"]["episode_length"] == 10  # the saved flags were used
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--ml1-task", "not-a-task-v3"], "unknown --ml1-task"),
-    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
-    (["--k-episodes", "0"], "--k-episodes must be positive"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--ml1-task", "not-a-task-v3"], "unknown --ml1-task"),
+        (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
+        (["--k-episodes", "0"], "--k-episodes must be positive"),
+    ],
+)
 def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):
     out = run([*TINY, *flags], tmp_path)
     assert out.returncode == 2

@@ -1,4 +1,5 @@
 """amago2_popgym.py from the command line: every loss combination, save + resume, bad flags."""
+
 import os
 
 import numpy as np
@@ -6,10 +7,43 @@ import pytest
 import torch
 from cli import run_script
 
-TINY = ["--tasks", "RepeatPreviousEasy", "MineSweeperEasy", "--num-envs", "2", "--steps-per-epoch", "40",
-        "--updates-per-epoch", "2", "--context-len", "12", "--batch-size", "3", "--d-model", "32", "--d-ff", "64",
-        "--n-layers", "1", "--n-heads", "2", "--d-token", "24", "--num-bins", "16", "--head-hidden", "32",
-        "--buffer-size", "1000", "--eval-episodes", "1", "--eval-every", "0", "--total-timesteps", "160"]  # two epochs of 2 envs x 40 steps, 2 updates each
+TINY = [
+    "--tasks",
+    "RepeatPreviousEasy",
+    "MineSweeperEasy",
+    "--num-envs",
+    "2",
+    "--steps-per-epoch",
+    "40",
+    "--updates-per-epoch",
+    "2",
+    "--context-len",
+    "12",
+    "--batch-size",
+    "3",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--d-token",
+    "24",
+    "--num-bins",
+    "16",
+    "--head-hidden",
+    "32",
+    "--buffer-size",
+    "1000",
+    "--eval-episodes",
+    "1",
+    "--eval-every",
+    "0",
+    "--total-timesteps",
+    "160",
+]  # two epochs of 2 envs x 40 steps, 2 updates each
 
 
 def run(args, cwd):
@@ -74,16 +108,19 @@ def test_resume_reproduces_the_saved_state(tmp_path):
     assert buffer.num_timesteps() > 0
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--tasks", "NotATask"], "unknown POPGym task"),
-    (["--reward-scales", "RepeatPreviousEasy:100"], "is not NAME=FACTOR"),
-    (["--reward-scales", "RepeatPreviousEasy=-1"], "positive finite"),
-    (["--reward-scales", "HigherLowerEasy=2"], "not trained on"),
-    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
-    (["--batch-size", "500"], "cannot serve batches"),
-    (["--rollout-gamma", "0.5"], "must be one of --gammas"),
-    (["--resume", "runs/nothing-here"], "no checkpoint"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--tasks", "NotATask"], "unknown POPGym task"),
+        (["--reward-scales", "RepeatPreviousEasy:100"], "is not NAME=FACTOR"),
+        (["--reward-scales", "RepeatPreviousEasy=-1"], "positive finite"),
+        (["--reward-scales", "HigherLowerEasy=2"], "not trained on"),
+        (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
+        (["--batch-size", "500"], "cannot serve batches"),
+        (["--rollout-gamma", "0.5"], "must be one of --gammas"),
+        (["--resume", "runs/nothing-here"], "no checkpoint"),
+    ],
+)
 def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):
     out = run([*TINY, *flags], tmp_path)
     assert out.returncode == 2

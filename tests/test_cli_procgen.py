@@ -1,20 +1,53 @@
 """amago2_procgen.py from the command line: every loss combination, memory-hard, rescaled rewards, save + resume,
 bad flags; and the per-mode defaults of its flags."""
+
 import os
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
-import amago2_procgen as A
 from cli import run_script
 
+import amago2_procgen as A
+
 # --horizon 30 caps every meta-rollout, so each env finishes some while training and the final evaluation is short
-TINY = ["--num-envs", "2", "--steps-per-epoch", "20", "--updates-per-epoch", "2", "--context-len", "8",
-        "--batch-size", "2", "--d-model", "32", "--d-ff", "64", "--n-layers", "1", "--n-heads", "2", "--d-token", "24",
-        "--num-bins", "16", "--head-hidden", "32", "--buffer-size", "1000", "--horizon", "30", "--eval-episodes", "1",
-        "--eval-every", "0", "--total-timesteps", "80"]  # two epochs of 2 envs x 20 steps, 2 updates each
+TINY = [
+    "--num-envs",
+    "2",
+    "--steps-per-epoch",
+    "20",
+    "--updates-per-epoch",
+    "2",
+    "--context-len",
+    "8",
+    "--batch-size",
+    "2",
+    "--d-model",
+    "32",
+    "--d-ff",
+    "64",
+    "--n-layers",
+    "1",
+    "--n-heads",
+    "2",
+    "--d-token",
+    "24",
+    "--num-bins",
+    "16",
+    "--head-hidden",
+    "32",
+    "--buffer-size",
+    "1000",
+    "--horizon",
+    "30",
+    "--eval-episodes",
+    "1",
+    "--eval-every",
+    "0",
+    "--total-timesteps",
+    "80",
+]  # two epochs of 2 envs x 20 steps, 2 updates each
 EASY = ["--games", "coinrun", "leaper", "--impala-channels", "4", "4", "4"]  # tiny CNN: most of a step's time otherwise
 
 
@@ -27,9 +60,15 @@ def events(run_dir) -> bytes:
 
 
 # the last combination also covers full recompute instead of the KV cache and all-shifted frames
-@pytest.mark.parametrize("actor_loss,critic_loss,extra", [
-    ("ind", "ind", []), ("ind", "dep", []), ("dep", "ind", []), ("dep", "dep", ["--no-kv-cache", "--augment-fraction", "1.0"]),
-])
+@pytest.mark.parametrize(
+    "actor_loss,critic_loss,extra",
+    [
+        ("ind", "ind", []),
+        ("ind", "dep", []),
+        ("dep", "ind", []),
+        ("dep", "dep", ["--no-kv-cache", "--augment-fraction", "1.0"]),
+    ],
+)
 def test_loss_combinations_run(actor_loss, critic_loss, extra, tmp_path):
     out = run([*TINY, *EASY, "--actor-loss", actor_loss, "--critic-loss", critic_loss, *extra], tmp_path)
     assert out.returncode == 0, out.stderr
@@ -67,7 +106,11 @@ def test_memory_hard_save_then_resume_continues(tmp_path):
 def test_mode_defaults_and_overrides():
     easy, hard = A.Args(), A.Args(mode="memory-hard")
     assert (easy.batch_size, easy.buffer_size, easy.context_len, easy.n_layers) == (24, 18_000_000, 128, 3)
-    assert (easy.impala_channels, easy.horizon, easy.games) == ([16, 32, 32], 2500, ["climber", "coinrun", "jumper", "ninja", "leaper"])
+    assert (easy.impala_channels, easy.horizon, easy.games) == (
+        [16, 32, 32],
+        2500,
+        ["climber", "coinrun", "jumper", "ninja", "leaper"],
+    )
     assert (hard.batch_size, hard.buffer_size, hard.context_len, hard.n_layers) == (16, 80_000_000, 768, 6)
     assert (hard.impala_channels, hard.horizon, len(hard.games)) == ([20, 36, 64], 5000, 16)
     assert easy.d_model == hard.d_model == 512 and easy.num_bins == 128 and easy.reward_multiplier == 10.0
@@ -80,13 +123,16 @@ def test_mode_defaults_and_overrides():
     assert [block.conv.out_channels for block in encoder.cnn[:-1]] == [20, 36, 64]
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--games", "coinrun", "pong"], "unknown Procgen game"),
-    (["--reward-scales", "coinrun:100"], "is not NAME=FACTOR"),
-    (["--reward-scales", "maze=2"], "names game(s) not played"),
-    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
-    (["--impala-channels", "4", "6", "4"], "--impala-channels must be positive multiples of 4"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--games", "coinrun", "pong"], "unknown Procgen game"),
+        (["--reward-scales", "coinrun:100"], "is not NAME=FACTOR"),
+        (["--reward-scales", "maze=2"], "names game(s) not played"),
+        (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
+        (["--impala-channels", "4", "6", "4"], "--impala-channels must be positive multiples of 4"),
+    ],
+)
 def test_bad_flags_exit_with_a_clear_message(flags, message, tmp_path):
     out = run([*TINY, *EASY, *flags], tmp_path)
     assert out.returncode == 2

@@ -1,4 +1,5 @@
 """Known-answer tests for common/: symlog / two-hot maths and the replay buffer."""
+
 import os
 
 import numpy as np
@@ -63,8 +64,15 @@ def fill(buffer, lengths_per_env, rng=None):
                     continue
                 state[e] = [int(buffer.new_rollout_ids(1)[0]), 0, queues[e].pop(0)]
             rid, t, _ = state[e]
-            buffer.add({"obs": np.array([[rid % 256, t % 256, e]], np.uint8), "reward": np.array([t], np.float32),
-                        "rollout_id": np.array([rid]), "time": np.array([t])}, np.array([e]))
+            buffer.add(
+                {
+                    "obs": np.array([[rid % 256, t % 256, e]], np.uint8),
+                    "reward": np.array([t], np.float32),
+                    "rollout_id": np.array([rid]),
+                    "time": np.array([t]),
+                },
+                np.array([e]),
+            )
             state[e][1] += 1
 
 

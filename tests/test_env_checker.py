@@ -1,5 +1,6 @@
 """Every benchmark's env wrapper follows gymnasium's protocol (gymnasium.utils.env_checker.check_env): spaces,
 seeding through super().reset(seed=...) so that the same seed gives the same first observation, and step's API."""
+
 import warnings
 
 import pytest

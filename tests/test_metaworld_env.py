@@ -1,5 +1,6 @@
 """Meta-World: the meta-rollout protocol, the timestep encoder, the tanh-Gaussian actor, DPG gradient isolation,
 exploration and the evaluation summary."""
+
 import os
 import pickle
 import sys
@@ -33,13 +34,31 @@ EP_LEN, K = 20, 3  # short inner episodes keep the tests fast; the logic does no
 def rollout(env, seed=None, action=None):
     """Play one meta-rollout; return per-step records."""
     obs, info = env.reset(seed=seed)
-    steps = [dict(obs=obs["obs"], info=info, reward=0.0, terminated=False, truncated=False,
-                  goal=env.sim._target_pos.copy(), rand_vec=env.sim._last_rand_vec.copy())]
+    steps = [
+        dict(
+            obs=obs["obs"],
+            info=info,
+            reward=0.0,
+            terminated=False,
+            truncated=False,
+            goal=env.sim._target_pos.copy(),
+            rand_vec=env.sim._last_rand_vec.copy(),
+        )
+    ]
     while True:
         a = env.action_space.sample() if action is None else action
         obs, reward, terminated, truncated, info = env.step(a)
-        steps.append(dict(obs=obs["obs"], info=info, reward=reward, terminated=terminated, truncated=truncated,
-                          goal=env.sim._target_pos.copy(), rand_vec=env.sim._last_rand_vec.copy()))
+        steps.append(
+            dict(
+                obs=obs["obs"],
+                info=info,
+                reward=reward,
+                terminated=terminated,
+                truncated=truncated,
+                goal=env.sim._target_pos.copy(),
+                rand_vec=env.sim._last_rand_vec.copy(),
+            )
+        )
         if terminated or truncated:
             return steps
 
@@ -106,6 +125,7 @@ def test_seeding_reproducible():
 
 def test_train_and_test_variants_differ():
     """ML1: the held-out goals are other variants of the same class."""
+
     def goals(train):
         env = MetaWorldMetaEnv("ML1", "reach-v3", train=train, seed=0)
         return {tuple(pickle.loads(v.data)["rand_vec"]) for v in env.variants["reach-v3"]}
@@ -163,7 +183,8 @@ def few_goals(monkeypatch):
 def test_ml45_classes_and_pinned_test_task(few_goals):
     bench = metaworld_benchmark("ML45", "reach-v3")
     assert sorted(bench.test_classes) == sorted(
-        ["bin-picking-v3", "box-close-v3", "hand-insert-v3", "door-lock-v3", "door-unlock-v3"])
+        ["bin-picking-v3", "box-close-v3", "hand-insert-v3", "door-lock-v3", "door-unlock-v3"]
+    )
     assert len(bench.train_classes) == 45 and not set(bench.train_classes) & set(bench.test_classes)
     env = MetaWorldMetaEnv("ML45", train=False, k_episodes=1, episode_length=3, seed=0)
     assert sorted(env.task_names) == sorted(bench.test_classes)
@@ -266,7 +287,8 @@ def test_tanh_gaussian_log_prob_matches_torch():
     mean, std = torch.randn(N, G, A), torch.rand(N, G, A) + 0.1
     dist = TanhGaussian(mean, std)
     ref = torch.distributions.TransformedDistribution(
-        torch.distributions.Independent(torch.distributions.Normal(mean, std), 1), [torch.distributions.TanhTransform()])
+        torch.distributions.Independent(torch.distributions.Normal(mean, std), 1), [torch.distributions.TanhTransform()]
+    )
     a = torch.rand(N, G, A) * 1.9 - 0.95  # inside the clamp
     torch.testing.assert_close(dist.log_prob(a), ref.log_prob(a), rtol=1e-4, atol=1e-4)
     assert dist.log_prob(a).shape == (N, G)
@@ -281,8 +303,17 @@ def test_tanh_gaussian_log_prob_matches_torch():
 
 
 def tiny_agent(critic_loss="ind"):
-    args = Args(d_token=16, d_model=32, d_ff=64, n_layers=1, n_heads=2, head_hidden=32, num_bins=16,
-                critic_loss=critic_loss, actor_loss="dep")
+    args = Args(
+        d_token=16,
+        d_model=32,
+        d_ff=64,
+        n_layers=1,
+        n_heads=2,
+        head_hidden=32,
+        num_bins=16,
+        critic_loss=critic_loss,
+        actor_loss="dep",
+    )
     space = gym.spaces.Dict({"obs": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)})
     return Agent(space, 4, args), args
 
@@ -301,8 +332,13 @@ def test_dpg_actor_loss_trains_actor_not_critics(critic_loss):
     torch.manual_seed(0)
     agent, args = tiny_agent(critic_loss)
     B, L = 2, 5
-    batch = {"obs": torch.randn(B, L, 39), "prev_action": torch.rand(B, L, 4) * 2 - 1, "prev_reward": torch.rand(B, L),
-             "reset": torch.zeros(B, L), "time": torch.arange(L).expand(B, L)}
+    batch = {
+        "obs": torch.randn(B, L, 39),
+        "prev_action": torch.rand(B, L, 4) * 2 - 1,
+        "prev_reward": torch.rand(B, L),
+        "reset": torch.zeros(B, L),
+        "time": torch.arange(L).expand(B, L),
+    }
     h = agent.states(batch).reshape(B * L, -1)
     loss = dpg_actor_loss(agent, h, agent.actor(h))
     assert loss.shape == (B * L, len(args.gammas))

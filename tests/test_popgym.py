@@ -1,4 +1,5 @@
 """amago2_popgym.py: the one-shot env protocol and numerical checks of the shared core."""
+
 import copy
 import os
 
@@ -10,8 +11,21 @@ import amago2_popgym as A
 
 
 def tiny_args(**kw) -> A.Args:
-    base = dict(tasks=["RepeatPreviousEasy", "MineSweeperEasy"], d_model=32, d_ff=64, n_layers=2, n_heads=4, d_token=24,
-                context_len=16, batch_size=4, num_bins=16, head_hidden=32, num_envs=2, buffer_size=2000, dropout=0.0)
+    base = dict(
+        tasks=["RepeatPreviousEasy", "MineSweeperEasy"],
+        d_model=32,
+        d_ff=64,
+        n_layers=2,
+        n_heads=4,
+        d_token=24,
+        context_len=16,
+        batch_size=4,
+        num_bins=16,
+        head_hidden=32,
+        num_envs=2,
+        buffer_size=2000,
+        dropout=0.0,
+    )
     base.update(kw)
     return A.Args(**base)
 
@@ -213,9 +227,16 @@ def random_batch(agent, args, B=3):
     mask[0, 9:] = False
     prev_action = torch.randint(0, agent.action_dim, (B, L))
     prev_action[0, 9] = A.NO_ACTION  # padding: the next rollout's first timestep
-    return {"obs": torch.randn(B, L, 27), "prev_action": prev_action,
-            "prev_reward": torch.randn(B, L), "reset": torch.zeros(B, L), "time": torch.arange(L).repeat(B, 1),
-            "reward": torch.randn(B, L), "terminal": torch.zeros(B, L, dtype=torch.bool), "mask": mask}
+    return {
+        "obs": torch.randn(B, L, 27),
+        "prev_action": prev_action,
+        "prev_reward": torch.randn(B, L),
+        "reset": torch.zeros(B, L),
+        "time": torch.arange(L).repeat(B, 1),
+        "reward": torch.randn(B, L),
+        "terminal": torch.zeros(B, L, dtype=torch.bool),
+        "mask": mask,
+    }
 
 
 @pytest.mark.parametrize("actor_loss,critic_loss", [("ind", "ind"), ("dep", "ind"), ("ind", "dep"), ("dep", "dep")])
@@ -293,9 +314,17 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path):
     assert all(torch.equal(agent.state_dict()[k], v) for k, v in saved.items())
 
 
-@pytest.mark.parametrize("before, after, every, expected", [
-    (0, 512, 1000, False), (512, 1024, 1000, True), (1000, 1512, 1000, False), (1512, 2000, 1000, True),
-    (0, 5000, 1000, True), (5000, 5512, 0, False)])
+@pytest.mark.parametrize(
+    "before, after, every, expected",
+    [
+        (0, 512, 1000, False),
+        (512, 1024, 1000, True),
+        (1000, 1512, 1000, False),
+        (1512, 2000, 1000, True),
+        (0, 5000, 1000, True),
+        (5000, 5512, 0, False),
+    ],
+)
 def test_crossed_a_multiple_of_every(before, after, every, expected):
     """Evaluations and checkpoints fire in the epoch that takes the step count past a multiple of N; 0 means never."""
     assert A.crossed(before, after, every) == expected
@@ -375,8 +404,9 @@ def test_dep_actor_backs_up_the_expectation_over_the_target_policy():
     with torch.no_grad():
         v = A.next_state_values(agent, h, "dep")  # (N, G, C)
         probs = agent.target_actor(h).probs  # (N, G, A)
-        q = torch.stack([agent.q_values(agent.target_critics, h, torch.full((6, 1, 1), a))[:, 0]
-                         for a in range(agent.action_dim)], -1)  # (N, G, C, A)
+        q = torch.stack(
+            [agent.q_values(agent.target_critics, h, torch.full((6, 1, 1), a))[:, 0] for a in range(agent.action_dim)], -1
+        )  # (N, G, C, A)
     torch.testing.assert_close(v, (q * probs[:, :, None]).sum(-1), rtol=1e-5, atol=1e-5)
 
 
@@ -418,7 +448,9 @@ def test_reward_scale_reaches_the_learner_and_the_policy_not_the_metrics():
         assert r2 == pytest.approx(100 * r1) and info2["policy_reward"] == pytest.approx(100 * info1["policy_reward"])
     assert info2["metrics"]["return"] == pytest.approx(info1["metrics"]["return"])  # reported on the default scale
     assert A.parse_reward_scales("RepeatFirstEasy=100, HigherLowerEasy=0.01", A.POPGYM_TASKS) == {
-        "RepeatFirstEasy": 100.0, "HigherLowerEasy": 0.01}
+        "RepeatFirstEasy": 100.0,
+        "HigherLowerEasy": 0.01,
+    }
 
 
 def test_progress_eta_counts_the_update_phases():

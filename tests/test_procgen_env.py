@@ -1,4 +1,5 @@
 """Procgen meta-rollout wrapper, reward-scale parser and eval summary of amago2_procgen.py."""
+
 import os
 import sys
 from types import SimpleNamespace
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import amago2_procgen as ap  # noqa: E402
 from procgen import ProcgenGym3Env  # noqa: E402
+
+import amago2_procgen as ap  # noqa: E402
 
 B = ap.BOX  # (rows 1-4, cols 1-4), the official library's box
 NOOP = 4  # procgen's action 4 presses nothing: in maze the agent stands still and no level ever ends
@@ -86,7 +88,7 @@ def test_attempt_two_replays_the_same_level_with_the_box(make):
     assert len(infos) == 2 * n1  # attempt 2 ended on the same step count
     assert [i["new_episode"] for i in infos] == [i == n1 - 1 for i in range(2 * n1)]  # only at the boundary
     assert terms == [False] * (2 * n1 - 1) + [True] and not any(truncs)
-    attempt1, attempt2 = frames[:n1], frames[n1:2 * n1]
+    attempt1, attempt2 = frames[:n1], frames[n1 : 2 * n1]
     for f1, f2 in zip(attempt1, attempt2):
         np.testing.assert_array_equal(outside_box(f1), outside_box(f2))
     assert all((f[B] == 0).all() for f in frames[n1:])  # the box in every attempt-2 frame (and the final one)
@@ -108,8 +110,7 @@ def test_attempt_two_replays_the_same_level_with_the_box(make):
 def test_reward_scale_reaches_the_learner_and_not_the_metrics(make):
     actions = np.random.default_rng(1).integers(15, size=5000)  # chaser: random play eats orbs (0.04 each)
     _, raw, raw_infos, _, _ = play(make("easy", games=["chaser"]), actions, seed=5)
-    _, scaled, infos, terms, _ = play(make("easy", games=["chaser"], reward_scales={"chaser": 100.0}),
-                                      actions, seed=5)
+    _, scaled, infos, terms, _ = play(make("easy", games=["chaser"], reward_scales={"chaser": 100.0}), actions, seed=5)
     assert terms[-1] and len(scaled) == len(raw) and np.count_nonzero(raw) > 0
     np.testing.assert_allclose(scaled, 100 * np.array(raw))
     assert [i["policy_reward"] for i in infos] == scaled
@@ -125,8 +126,14 @@ def test_cap_in_attempt_one_truncates_and_counts_attempt_two_as_zero(make, mode,
     assert len(infos) == 37 and truncs == [False] * 36 + [True] and not any(terms)
     assert not any(i["new_episode"] for i in infos)
     m = infos[-1]["metrics"]
-    assert m == {"return": 0.0, "return_1": 0.0, "return_2": 0.0, "norm_1": pytest.approx(norm),
-                 "norm_2": pytest.approx(norm), "steps": 37.0}
+    assert m == {
+        "return": 0.0,
+        "return_1": 0.0,
+        "return_2": 0.0,
+        "norm_1": pytest.approx(norm),
+        "norm_2": pytest.approx(norm),
+        "steps": 37.0,
+    }
 
 
 def test_cap_in_attempt_two_and_next_rollout_starts_a_fresh_level(make):
@@ -176,7 +183,13 @@ def test_level_ranges_and_seeding(make):
 
 def test_memory_hard_distributions(make):
     assert [g for g in ap.PROCGEN_GAMES if ap.distribution_mode("memory-hard", g) == "memory"] == [
-        "caveflyer", "dodgeball", "heist", "jumper", "maze", "miner"]
+        "caveflyer",
+        "dodgeball",
+        "heist",
+        "jumper",
+        "maze",
+        "miner",
+    ]
     assert {ap.distribution_mode("easy", g) for g in ap.PROCGEN_GAMES} == {"easy"}
     env = make("memory-hard")
     assert env.horizon == 5000 and len(env.games) == 16
@@ -199,8 +212,14 @@ def test_parse_reward_scales():
     assert ap.parse_reward_scales("coinrun=100,climber=0.1", ap.PROCGEN_GAMES) == {"coinrun": 100.0, "climber": 0.1}
     assert ap.parse_reward_scales(" coinrun = 100 , ", ap.PROCGEN_GAMES) == {"coinrun": 100.0}
     assert ap.parse_reward_scales("", ap.PROCGEN_GAMES) == {}
-    for bad, words in [("pong=2", "unknown 'pong'"), ("coinrun", "NAME=FACTOR"), ("coinrun=abc", "not a number"),
-                       ("coinrun=1,coinrun=2", "twice"), ("coinrun=0", "positive"), ("coinrun=nan", "positive")]:
+    for bad, words in [
+        ("pong=2", "unknown 'pong'"),
+        ("coinrun", "NAME=FACTOR"),
+        ("coinrun=abc", "not a number"),
+        ("coinrun=1,coinrun=2", "twice"),
+        ("coinrun=0", "positive"),
+        ("coinrun=nan", "positive"),
+    ]:
         with pytest.raises(ValueError, match=words):
             ap.parse_reward_scales(bad, ap.PROCGEN_GAMES)
 
@@ -219,8 +238,9 @@ def test_constructor_errors():
 
 
 def test_make_env():
-    args = SimpleNamespace(seed=1, mode="easy", games=[], reward_scales="coinrun=100,climber=0.1", num_train_levels=500,
-                           horizon=None)
+    args = SimpleNamespace(
+        seed=1, mode="easy", games=[], reward_scales="coinrun=100,climber=0.1", num_train_levels=500, horizon=None
+    )
     train = ap.make_env(args, 0, train=True)()
     assert train.games == ap.MODES["easy"][0] and train.horizon == 2500
     assert train.reward_scales == {"coinrun": 100.0, "climber": 0.1} and train.level_range == (0, 500)
@@ -229,8 +249,9 @@ def test_make_env():
         assert evaluation.level_range[0] == ap.EVAL_START_LEVEL
         evaluation.reset(seed=0)
         assert evaluation.game == "ninja"
-    args = SimpleNamespace(seed=1, mode="memory-hard", games=["maze", "heist"], reward_scales="maze=2",
-                           num_train_levels=2000, horizon=None)
+    args = SimpleNamespace(
+        seed=1, mode="memory-hard", games=["maze", "heist"], reward_scales="maze=2", num_train_levels=2000, horizon=None
+    )
     env = ap.make_env(args, 3, train=True)()
     assert env.games == ["maze", "heist"] and env.horizon == 5000 and env.reward_scales == {"maze": 2.0}
     env.close()
@@ -242,8 +263,9 @@ def test_make_env():
 
 def test_vector_env_as_the_core_drives_it():
     """SyncVectorEnv without autoreset, finished envs reset by mask (MetaRollouts in amago2_popgym.py)."""
-    envs = gym.vector.SyncVectorEnv([lambda: ap.ProcgenMetaEnv("easy", games=["maze"], horizon=7)] * 2,
-                                    autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: ap.ProcgenMetaEnv("easy", games=["maze"], horizon=7)] * 2, autoreset_mode=gym.vector.AutoresetMode.DISABLED
+    )
     try:
         obs, _ = envs.reset(seed=[1, 2])
         assert obs["image"].shape == (2, 64, 64, 3) and obs["image"].dtype == np.uint8
@@ -259,6 +281,8 @@ def test_vector_env_as_the_core_drives_it():
 
 
 def test_summarize_eval():
-    per_task = {"coinrun": {"return_1": 5.0, "return_2": 10.0, "norm_1": 0.0, "norm_2": 1.0, "steps": 100.0},
-                "leaper": {"return_1": 3.0, "return_2": 6.5, "norm_1": 0.0, "norm_2": 0.5, "steps": 50.0}}
+    per_task = {
+        "coinrun": {"return_1": 5.0, "return_2": 10.0, "norm_1": 0.0, "norm_2": 1.0, "steps": 100.0},
+        "leaper": {"return_1": 3.0, "return_2": 6.5, "norm_1": 0.0, "norm_2": 0.5, "steps": 50.0},
+    }
     assert ap.summarize_eval(per_task) == {"norm_1_mean": 0.0, "norm_2_mean": 0.75, "return_2_mean": 8.25}

@@ -1,13 +1,28 @@
 """Every top-level function or class defined in more than one amago2_*.py script has identical source in each,
 so a fix to the shared core cannot reach one script and miss the others. Per-benchmark names are exempt."""
+
 import ast
 import glob
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what legitimately differs per benchmark: flags, the env, the timestep encoder and the action distribution
-EXEMPT = {"Args", "make_env", "make_eval_envs", "check_env_args", "summarize_eval", "TimestepEncoder", "make_encoder",
-          "Actor", "action_features", "dpg_actor_loss", "every_action", "next_state_values", "explore", "NO_ACTION"}
+EXEMPT = {
+    "Args",
+    "make_env",
+    "make_eval_envs",
+    "check_env_args",
+    "summarize_eval",
+    "TimestepEncoder",
+    "make_encoder",
+    "Actor",
+    "action_features",
+    "dpg_actor_loss",
+    "every_action",
+    "next_state_values",
+    "explore",
+    "NO_ACTION",
+}
 
 
 def definitions(path):
@@ -23,14 +38,24 @@ def test_shared_definitions_are_identical():
     for script, d in defs.items():
         for name, src in d.items():
             seen.setdefault(name, []).append((script, src))
-    mismatched = [f"{name}: {', '.join(s for s, _ in where)}" for name, where in seen.items()
-                  if name not in EXEMPT and len({src for _, src in where}) > 1]
+    mismatched = [
+        f"{name}: {', '.join(s for s, _ in where)}"
+        for name, where in seen.items()
+        if name not in EXEMPT and len({src for _, src in where}) > 1
+    ]
     assert not mismatched, "shared definitions differ between scripts:\n" + "\n".join(mismatched)
 
 
 SCRIPTS = ["popgym", "metaworld", "procgen", "atari", "babyai"]
 NOT_CORE = {  # POPGym's own env, and definitions only some scripts need (identical where they repeat)
-    "popgym_class", "flat_size", "flatten", "num_actions", "POPGymMetaEnv", "InputNorm", "parse_reward_scales"}
+    "popgym_class",
+    "flat_size",
+    "flatten",
+    "num_actions",
+    "POPGymMetaEnv",
+    "InputNorm",
+    "parse_reward_scales",
+}
 
 
 def test_popgym_core_is_in_every_script():
