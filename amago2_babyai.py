@@ -569,7 +569,7 @@ class CriticEnsemble(nn.Module):
         G, C = len(self.gamma_feature), self.w_state.shape[0]
         chunk = max(1, chunk_rows // (K * G))  # states per chunk
         if not torch.is_grad_enabled() and N > chunk:
-            # no autograd graph to keep: evaluate cache-sized chunks (measured 1.6x faster in bf16, tests/bench_speed.py)
+            # no autograd graph to keep: evaluate cache-sized chunks (measured 1.6x faster in bf16, tests/tools/bench_speed.py)
             return torch.cat([self(h[i : i + chunk], action_feats[i : i + chunk]) for i in range(0, N, chunk)])
         state = torch.einsum("nd,cdh->cnh", h, self.w_state)  # (C, N, H): once per state
         # a plain matmul keeps (C, N, K, Ga, H) contiguous (einsum's permuted output would cost a full copy below)

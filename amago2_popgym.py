@@ -154,7 +154,7 @@ class Args:
 # Environment: multi-task POPGym, one gymnasium episode = one meta-rollout
 # ======================================================================================
 OBS_PAD = 26  # every task's flattened observation fits in 26 features (paper App. B)
-# Mean return of a uniformly random policy per task over 200 episodes (tests/measure_popgym_random.py). The
+# Mean return of a uniformly random policy per task over 200 episodes (tests/tools/measure_popgym_random.py). The
 # normalised score maps these to 0 and POPGym's maximum episode return, 1.0, to 1 (POPGym bounds returns in
 # [-1, 1]); the paper's 1 is the best single-task result of Morad et al., published only as a figure.
 # fmt: off
@@ -581,7 +581,7 @@ class CriticEnsemble(nn.Module):
         G, C = len(self.gamma_feature), self.w_state.shape[0]
         chunk = max(1, chunk_rows // (K * G))  # states per chunk
         if not torch.is_grad_enabled() and N > chunk:
-            # no autograd graph to keep: evaluate cache-sized chunks (measured 1.6x faster in bf16, tests/bench_speed.py)
+            # no autograd graph to keep: evaluate cache-sized chunks (measured 1.6x faster in bf16, tests/tools/bench_speed.py)
             return torch.cat([self(h[i : i + chunk], action_feats[i : i + chunk]) for i in range(0, N, chunk)])
         state = torch.einsum("nd,cdh->cnh", h, self.w_state)  # (C, N, H): once per state
         # a plain matmul keeps (C, N, K, Ga, H) contiguous (einsum's permuted output would cost a full copy below)

@@ -1,6 +1,6 @@
 """Speed benchmark for amago2_popgym.py (not part of the pytest run).
 
-python tests/bench_speed.py [--config comparison|paper|both] [--updates N] [--precision fp32 bf16]
+python tests/tools/bench_speed.py [--config comparison|paper|both] [--updates N] [--precision fp32 bf16]
 
 Reports, for each config: (a) env steps/s of the collection loop with the policy in it (sync and async
 envs) and of policy inference alone at context positions 10 and 500, with the KV cache and with full
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import amago2_popgym as A  # noqa: E402
 
 CONFIGS = {

@@ -1,6 +1,6 @@
 """Measure the random-policy return of each POPGym task (the 0 of amago2_popgym.py's normalised score).
 
-Not a test: prints the RANDOM_RETURNS table. python tests/measure_popgym_random.py [episodes]
+Not a test: prints the RANDOM_RETURNS table. python tests/tools/measure_popgym_random.py [episodes]
 """
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import amago2_popgym as A
 

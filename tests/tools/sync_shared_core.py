@@ -1,14 +1,16 @@
 """Copy the shared core from amago2_popgym.py into the other scripts (a developer tool, not a test).
 
 Every top-level function or class that a script shares with amago2_popgym.py, and that is not in
-test_shared_core.EXEMPT, is replaced by amago2_popgym.py's text. Usage: python tests/sync_shared_core.py
+test_shared_core.EXEMPT, is replaced by amago2_popgym.py's text. Usage: python tests/tools/sync_shared_core.py
 """
 
 import ast
 import glob
 import os
+import sys
 
-from test_shared_core import EXEMPT, ROOT
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from test_shared_core import EXEMPT, ROOT  # noqa: E402
 
 
 def segments(source):

@@ -1,9 +1,9 @@
 """Learning benchmark (not part of pytest): run a benchmark's CPU demo for N seeds, read the TensorBoard logs, print
 a table against the random policy and write the learning-curve figure docs/figures/<benchmark>.png.
 
-    python tests/bench_learning.py popgym --seeds 2            # the README's POPGym demo, 2 seeds
-    python tests/bench_learning.py reward-scale --seeds 2      # paper Fig. 6 / 9 in miniature, on POPGym
-    python tests/bench_learning.py popgym --report-only        # redraw from the runs/ already there
+    python tests/tools/bench_learning.py popgym --seeds 2            # the README's POPGym demo, 2 seeds
+    python tests/tools/bench_learning.py reward-scale --seeds 2      # paper Fig. 6 / 9 in miniature, on POPGym
+    python tests/tools/bench_learning.py popgym --report-only        # redraw from the runs/ already there
 
 Each run is a subprocess with one torch thread (OMP_NUM_THREADS=1); --parallel 2 runs two at once, one per core.
 The random-policy reference is measured here, on the script's own evaluation envs and summary, with uniform
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 # The POPGym demo: four tasks at once in the one-shot protocol, one of them a memory task (RepeatFirstEasy asks
