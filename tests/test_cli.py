@@ -1,0 +1,178 @@
+"""Every script from the command line, the way a user runs it: scripts x cases. Each script's tiny config runs two
+epochs of 2 envs with 2 updates each; what is specific to one benchmark is in its test_cli_<benchmark>.py."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from cli import run_script
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# a model small enough for seconds per run; the scripts' own sizes are the paper's
+MODEL = (
+    "--updates-per-epoch 2 --d-model 32 --d-ff 64 --n-layers 1 --n-heads 2 --d-token 24 --num-bins 16 --head-hidden 32 "
+    "--buffer-size 1000 --eval-episodes 1 --eval-every 0"
+).split()
+
+SCRIPTS = {
+    # env flags and steps (total-timesteps = 2 epochs x 2 envs x steps-per-epoch); the evaluation line's first key;
+    # `tags`: TensorBoard scalars of the run; `variant`: the benchmark's own options, run with bf16, full recompute,
+    # async envs and a disk-backed buffer, and `variant_out` in its output;
+    # `bad`: the benchmark's own names and options that must be refused in one line
+    "popgym": dict(
+        flags="--tasks RepeatPreviousEasy MineSweeperEasy --num-envs 2 --steps-per-epoch 40 --context-len 12 --batch-size 3",
+        steps=160,
+        eval=["eval: return_mean"],
+        tags=["eval/RepeatPreviousEasy/return", "eval/normalised_score"],
+        variant=["--no-one-shot"],
+        variant_out="done:",
+        bad=[
+            (["--tasks", "NotATask"], "unknown POPGym task"),
+            (["--reward-scales", "RepeatPreviousEasy:100"], "is not NAME=FACTOR"),
+            (["--reward-scales", "RepeatPreviousEasy=-1"], "positive finite"),
+            (["--reward-scales", "HigherLowerEasy=2"], "not trained on"),
+        ],
+    ),
+    "metaworld": dict(
+        flags="--benchmark ML1 --ml1-task reach-v3 --episode-length 10 --num-envs 2 --steps-per-epoch 30 --context-len 12 "
+        "--batch-size 3",
+        steps=120,
+        eval=["eval: train/success_1", "test/success ", "test/skill_coverage"],  # ML1: train and held-out goals apart
+        tags=["eval/reach-v3/success_3", "eval/test/reach-v3/success", "eval/train/return"],
+        variant=["--eps-rollout-floor", "0.5"],
+        variant_out="done:",
+        bad=[
+            (["--ml1-task", "not-a-task-v3"], "unknown --ml1-task"),
+            (["--k-episodes", "0"], "--k-episodes must be positive"),
+        ],
+    ),
+    "procgen": dict(
+        flags="--games coinrun leaper --impala-channels 4 4 4 --horizon 30 --num-envs 2 --steps-per-epoch 20 --context-len 8 "
+        "--batch-size 2",
+        steps=80,
+        eval=["eval: norm_1_mean", "norm_2_mean"],
+        tags=["eval/leaper/norm_2", "charts/experience_share/coinrun"],
+        variant=["--augment-fraction", "1.0"],
+        variant_out="done:",
+        bad=[
+            (["--games", "coinrun", "pong"], "unknown Procgen game"),
+            (["--reward-scales", "coinrun:100"], "is not NAME=FACTOR"),
+            (["--reward-scales", "maze=2"], "names game(s) not played"),
+            (["--impala-channels", "4", "6", "4"], "--impala-channels must be positive multiples of 4"),
+        ],
+    ),
+    "atari": dict(
+        flags="--games Breakout Qbert --num-envs 2 --steps-per-epoch 20 --context-len 8 --batch-size 2",
+        steps=80,
+        eval=["eval: hns_mean", "hns_median"],
+        tags=["eval/Qbert/hns", "eval/hns_median"],
+        variant=["--clip-rewards", "--augment-fraction", "1.0"],
+        variant_out="done:",
+        bad=[
+            (["--games", "Breakout", "NotAGame"], "unknown Atari game"),
+            (["--num-envs", "3"], "must be a multiple of the 2 games"),
+            (["--buffer-size", "1000000000"], "GiB of RAM but only"),
+            (["--augment-fraction", "1.5"], "--augment-fraction must be in [0, 1]"),
+        ],
+    ),
+    "babyai": dict(
+        # GoToLocalS7N5 and held-out GoToRedBallGrey: short time limits
+        flags="--eval-tasks-per-split 1 --num-envs 2 --steps-per-epoch 40 --context-len 12 --batch-size 3",
+        steps=160,
+        eval=["eval: train_return_1_median", "test_return_2_iqm"],
+        tags=["eval/GoToLocalS7N5/return_2", "eval/test/GoToRedBallGrey/return_1", "eval/test_success_2_mean"],
+        variant=["--k-episodes", "3"],
+        variant_out="test_return_3_mean",  # three attempts, summarised by attempt
+        bad=[
+            (["--k-episodes", "0"], "--k-episodes must be positive"),
+            (["--eval-tasks-per-split", "0"], "--eval-tasks-per-split must be positive"),
+            (["--tasks", "GoToRedBallGrey"], "--tasks: unknown task(s) ['GoToRedBallGrey']"),  # a held-out task
+            (["--test-tasks", "NoSuchTask"], "--test-tasks: unknown task(s)"),
+        ],
+    ),
+}
+COMBINATIONS = [("ind", "ind"), ("ind", "dep"), ("dep", "ind"), ("dep", "dep")]
+
+
+def tiny(name: str) -> list:
+    spec = SCRIPTS[name]
+    return [*spec["flags"].split(), *MODEL, "--total-timesteps", str(spec["steps"])]
+
+
+def run(name: str, args: list, cwd):
+    return run_script(f"amago2_{name}.py", args, cwd)
+
+
+def scalar_tags(run_dir) -> set:
+    return set(EventAccumulator(str(run_dir)).Reload().Tags()["scalars"])
+
+
+@pytest.mark.parametrize("actor_loss,critic_loss", COMBINATIONS)
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_loss_combinations_run(name, actor_loss, critic_loss, tmp_path):
+    out = run(name, [*tiny(name), "--actor-loss", actor_loss, "--critic-loss", critic_loss, "--run-name", "r"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"done: {SCRIPTS[name]['steps']} steps, 4 updates" in out.stdout
+    assert all(fragment in out.stdout for fragment in SCRIPTS[name]["eval"])
+    assert "; final eval: " in out.stdout.splitlines()[-1]  # the summary line ends with the eval score
+    tags = scalar_tags(tmp_path / "runs" / "r")
+    expected = {"losses/actor", "losses/critic", "losses/q_mean", "losses/policy_entropy", "losses/td_target_mean"}
+    expected |= {"losses/crr_kept_fraction"} if actor_loss == "ind" else set()
+    expected |= set(SCRIPTS[name]["tags"])  # per task and summary evaluation scalars
+    assert expected <= tags, expected - tags
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bf16_full_recompute_async_disk_buffer(name, tmp_path):
+    """The options a paper-size run uses, with the benchmark's own: one run, and the buffer really is on disk."""
+    flags = ["--precision", "bf16", "--no-kv-cache", "--async-envs", "--buffer-dir", "buf", *SCRIPTS[name]["variant"]]
+    out = run(name, [*tiny(name), *flags], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "memory-mapped in buf" in out.stdout and SCRIPTS[name]["variant_out"] in out.stdout
+    assert f"done: {SCRIPTS[name]['steps']} steps, 4 updates" in out.stdout
+    if os.path.exists(tmp_path / "buf" / "image.npy"):  # pixels are stored as uint8, one (H, W, 3) frame per step
+        assert np.load(tmp_path / "buf" / "image.npy", mmap_mode="r").dtype == np.uint8
+    rollout_id = np.load(tmp_path / "buf" / "rollout_id.npy", mmap_mode="r")
+    stored = rollout_id[rollout_id >= 0]  # every step is stored, plus each meta-rollout's first observation
+    assert rollout_id.shape[1] == 2 and len(stored) == SCRIPTS[name]["steps"] + len(np.unique(stored))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_save_then_resume_continues(name, tmp_path):
+    steps = SCRIPTS[name]["steps"]
+    out = run(name, [*tiny(name), "--save-model", "--checkpoint-every", str(steps // 2), "--run-name", "r"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    ckpt = tmp_path / "runs" / "r" / "checkpoint"
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    assert state["counters"] == {"global_step": steps, "updates": 4}
+    saved_ids = np.load(ckpt / state["buffer"] / "rollout_id.npy")
+    out = run(name, ["--resume", "runs/r", "--total-timesteps", str(2 * steps)], tmp_path)  # no other flag
+    assert out.returncode == 0, out.stderr
+    assert f"resumed runs/r at step {steps} after 4 updates" in out.stdout
+    assert f"done: {2 * steps} steps, 8 updates" in out.stdout
+    state2 = torch.load(ckpt / "state.pt", weights_only=False)
+    assert state2["counters"] == {"global_step": 2 * steps, "updates": 8}
+    assert state2["args"]["d_model"] == 32 and state2["args"]["total_timesteps"] == 2 * steps  # the saved flags
+    ids = np.load(ckpt / state2["buffer"] / "rollout_id.npy")
+    kept = saved_ids >= 0  # the resumed run kept the old data and appended after it with fresh rollout ids
+    assert (ids[kept] == saved_ids[kept]).sum() > 0 and ids.max() > saved_ids.max()
+    assert sorted(os.listdir(ckpt)) == [state2["buffer"], "state.pt"]  # older snapshots removed
+
+
+COMMON_BAD = [
+    (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
+    (["--batch-size", "500"], "cannot serve batches"),
+    (["--resume", "runs/nothing-here"], "no checkpoint"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,flags,message",
+    [(name, f, m) for name in SCRIPTS for f, m in COMMON_BAD[:1] + SCRIPTS[name]["bad"]]
+    + [("popgym", *b) for b in COMMON_BAD[1:]],
+)
+def test_bad_flags_exit_with_a_clear_message(name, flags, message, tmp_path):
+    out = run(name, [*tiny(name), *flags], tmp_path)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
