@@ -52,7 +52,8 @@ REWARD_SCALE_DEMO = [*POPGYM_DEMO, "--tasks", "RepeatFirstEasy", "HigherLowerEas
 BABYAI_DEMO = ["--tasks", "GoToRedBallNoDists", "GoToRedBall", "GoToObjS6", "OneRoomS8", "--test-tasks", "GoToRedBallGrey",
                "GoToObjS4", "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", *SMALL_MODEL,
                "--context-len", "128", "--batch-size", "8", "--buffer-size", "400000", "--eps-anneal-steps", "4000",
-               "--eval-every", "20000", "--eval-episodes", "10", "--total-timesteps", "100000"]
+               "--eval-every", "20000", "--eval-episodes", "10", "--total-timesteps", "100000",
+               "--learning-rate", "1e-4"]  # the paper's BabyAI rate: at 3e-4 one seed of two collapsed after 60k steps
 # fmt: on
 
 # The Meta-World demo: ML1 reach-v3 (the goal is hidden, 50 training goals, held-out goals for test) with the paper's
@@ -69,7 +70,7 @@ METAWORLD_DEMO = ["--benchmark", "ML1", "--ml1-task", "reach-v3", "--episode-len
 # fmt: off
 SMALL_PIXELS = [*SMALL_MODEL, "--impala-channels", "8", "16", "16", "--context-len", "32", "--batch-size", "8",
                 "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", "--buffer-size", "200000",
-                "--eps-anneal-steps", "3000", "--eval-every", "10000", "--total-timesteps", "60000"]
+                "--eps-anneal-steps", "3000", "--eval-every", "10000", "--total-timesteps", "40000"]
 # fmt: on
 # Procgen: coinrun (a paper Fig. 6 game) in its two-attempt protocol, 200 training levels, evaluated on unseen levels.
 PROCGEN_DEMO = ["--games", "coinrun", "--num-train-levels", "200", *SMALL_PIXELS, "--eval-episodes", "4"]
@@ -234,7 +235,9 @@ def main():
             )
     if extra:
         print("random policy: " + ", ".join(f"{tag} {reference[tag.removeprefix('eval/')]:.3f}" for tag in extra))
-    tasks = sorted(k.split("/")[0] for k in reference if k.endswith("/return"))
+    # per-task returns (POPGym, whose eval/<task>/return is the score that normalises): other benchmarks' summaries
+    # already split by task family or attempt
+    tasks = sorted(k.split("/")[0] for k in reference if k.endswith("/return")) if spec["script"] == "amago2_popgym.py" else []
     if tasks:
         print(
             "\nfinal eval return per task (mean over seeds); random policy: "
