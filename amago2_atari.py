@@ -978,6 +978,28 @@ class Progress:
         self.bar.close()
 
 
+def cpu_notice(args: Args, agent: Agent, fields: dict, device: torch.device) -> str | None:
+    """On CPU with the paper's model width: time one update on a copy of the agent (a zero batch) and say what an epoch
+    of updates will cost, and where the CPU demo is. None on a GPU or with a cut-down model."""
+    if device.type != "cpu" or args.d_model < type(args).__dataclass_fields__["d_model"].default:
+        return None
+    shape = (args.batch_size, args.context_len + 1)
+    batch = {name: torch.zeros(*shape, *s, dtype=getattr(torch, np.dtype(dt).name)) for name, (s, dt) in fields.items()}
+    batch["mask"] = torch.ones(shape, dtype=torch.bool)
+    batch["time"] = torch.arange(shape[1]).expand(shape)
+    copy_of_agent = copy.deepcopy(agent).train()  # a training forward moves statistics: never on the real agent
+    start = time.time()
+    loss, _ = compute_losses(copy_of_agent, batch, args)
+    loss.backward()
+    seconds = time.time() - start
+    hours = seconds * args.updates_per_epoch / 3600
+    return (
+        f"note: a paper-size model on CPU: one update took {seconds:.1f} s here, so an epoch's {args.updates_per_epoch:,} "
+        f"updates take ~{hours:.1f} h plus collection. This is a GPU job; for a run that learns on a CPU in minutes, "
+        "see README.md#quick-start and each benchmark's CPU demo."
+    )
+
+
 def crossed(before: int, after: int, every: int) -> bool:
     """Did this epoch take the step count past a multiple of `every` (0: never)? Evaluations and checkpoints."""
     return every > 0 and after // every > before // every
@@ -1150,6 +1172,9 @@ if __name__ == "__main__":
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     n_params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
     print(f"{args.run_name}: {n_params:,} parameters on {device}, actor {args.actor_loss} / critic {args.critic_loss}")
+    notice = cpu_notice(args, agent, replay_fields(obs_space, action_space), device)
+    if notice:
+        print(notice)
 
     rollouts = MetaRollouts(envs, agent, args, device, buffer)
     eval_rollouts = MetaRollouts(eval_envs, agent, args, device)

@@ -116,6 +116,7 @@ def test_loss_combinations_run(name, actor_loss, critic_loss, tmp_path):
     assert f"done: {SCRIPTS[name]['steps']} steps, 4 updates" in out.stdout
     assert all(fragment in out.stdout for fragment in SCRIPTS[name]["eval"])
     assert "; final eval: " in out.stdout.splitlines()[-1]  # the summary line ends with the eval score
+    assert "note: a paper-size model" not in out.stdout  # a cut-down model on CPU: no GPU-job warning
     tags = scalar_tags(tmp_path / "runs" / "r")
     expected = {"losses/actor", "losses/critic", "losses/q_mean", "losses/policy_entropy", "losses/td_target_mean"}
     expected |= {"losses/crr_kept_fraction"} if actor_loss == "ind" else set()

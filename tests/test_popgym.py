@@ -465,3 +465,19 @@ def test_progress_eta_counts_the_update_phases():
     assert progress.eta_seconds() == pytest.approx(18.0 + 45.0)
     assert progress.sps() == pytest.approx(1000 / 7.0)
     progress.close()
+
+
+def test_cpu_notice_times_an_update_on_a_copy_for_a_paper_width_model():
+    """A paper-width model on CPU gets one line with the measured time of an update and the way to the CPU demo; the
+    timing runs on a copy, so the real agent's weights and statistics are untouched. A cut-down model gets none."""
+    agent, args = make_agent()
+    fields = A.replay_fields(*[getattr(A.POPGymMetaEnv(args.tasks), k) for k in ("observation_space", "action_space")])
+    assert A.cpu_notice(args, agent, fields, torch.device("cpu")) is None  # d_model 32 < the paper's 256
+    wide, wide_args = make_agent(d_model=A.Args.d_model, n_layers=1, context_len=8, batch_size=2, updates_per_epoch=1000)
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    notice = A.cpu_notice(wide_args, wide, fields, torch.device("cpu"))
+    assert notice.startswith("note: a paper-size model on CPU: one update took ") and "README.md#quick-start" in notice
+    assert "an epoch's 1,000 updates take ~" in notice and "\n" not in notice
+    assert all(torch.equal(wide.state_dict()[k], v) for k, v in before.items())
+    assert all(p.grad is None for p in wide.parameters())
+    assert A.cpu_notice(wide_args, wide, fields, torch.device("cuda")) is None  # GPUs need no warning
