@@ -41,14 +41,28 @@ class Args:
     """sets `torch.backends.cudnn.deterministic`"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when a GPU is visible, else cpu"""
-    capture_video: bool = False
-    """record the evaluation episodes of the first game to videos/<run_name> (needs moviepy)"""
     save_model: bool = False
-    """write a checkpoint (weights, optimiser, statistics, RNG, counters, replay buffer) every --checkpoint-every steps and at the end"""
+    """checkpoint everything (weights, optimiser, statistics, RNG, replay buffer) every --checkpoint-every steps"""
     checkpoint_every: int = 1_000_000
     """environment steps between checkpoints (with --save-model)"""
     resume: str | None = None
-    """a run folder (runs/<run_name>) to continue from its last good checkpoint; its saved flags are used, --total-timesteps may be raised"""
+    """a run folder to continue from its last checkpoint, with its saved flags (--total-timesteps may be raised)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
+    kv_cache: bool = True
+    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
+    buffer_dir: str | None = None
+    """keep the replay buffer memory-mapped in this folder instead of RAM (needed at the paper's 8M frames)"""
+    async_envs: bool = True
+    """step envs in subprocesses (gymnasium AsyncVectorEnv): faster for Atari (README#atari)"""
+    eval_every: int = 1_000_000
+    """environment steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 3
+    """evaluation episodes per game (our choice: a game can last 27,000 steps)"""
+    log_every: float = 5.0
+    """seconds between redraws of the progress bar"""
+    capture_video: bool = False
+    """record the evaluation episodes of the first game to videos/<run_name> (needs moviepy)"""
 
     # Algorithm specific arguments
     games: list[str] = field(default_factory=lambda: list(GAMES))
@@ -63,8 +77,6 @@ class Args:
     """total environment steps (our choice, 1M per game: the paper does not state its Atari budget)"""
     num_envs: int = 30
     """parallel environments, a multiple of len(games) so every game is always being played (official library: 30)"""
-    async_envs: bool = True
-    """step envs in subprocesses (gymnasium AsyncVectorEnv): 10 envs on 2 shared CPU cores, async ~2,800 vs sync ~1,800 env steps/s alone, ~500 vs ~415 in the loop"""
     steps_per_epoch: int = 1000
     """steps collected per env between update phases (official library default)"""
     updates_per_epoch: int = 1000
@@ -112,7 +124,7 @@ class Args:
     crr_threshold: float = 0.0
     """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
     popart_beta: float = 5e-4
-    """rate of the global PopArt statistics: the dep critic's output layer, the dep actor's Q scale (official library)"""
+    """rate of the global PopArt statistics (dep critic output, dep actor Q scale) (official library)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (paper Table 1, Atari)"""
     weight_decay: float = 5e-3
@@ -127,18 +139,6 @@ class Args:
     """epsilon-greedy end value (official library)"""
     eps_anneal_steps: int = 1_000_000
     """steps per env over which epsilon anneals (official library default)"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
-    kv_cache: bool = True
-    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
-    buffer_dir: str | None = None
-    """keep the replay buffer memory-mapped in this folder instead of RAM (needed at the paper's 8M frames)"""
-    eval_every: int = 1_000_000
-    """environment steps between evaluations (0: only at the end)"""
-    eval_episodes: int = 3
-    """evaluation episodes per game (our choice: a game can last 27,000 steps)"""
-    log_every: float = 5.0
-    """seconds between redraws of the progress bar"""
 
     # filled in at runtime
     run_name: str = ""

@@ -35,11 +35,25 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when a GPU is visible, else cpu"""
     save_model: bool = False
-    """write a checkpoint (weights, optimiser, statistics, RNG, counters, replay buffer) every --checkpoint-every steps and at the end"""
+    """checkpoint everything (weights, optimiser, statistics, RNG, replay buffer) every --checkpoint-every steps"""
     checkpoint_every: int = 1_000_000
     """environment steps between checkpoints (with --save-model)"""
     resume: str | None = None
-    """a run folder (runs/<run_name>) to continue from its last good checkpoint; its saved flags are used, --total-timesteps may be raised"""
+    """a run folder to continue from its last checkpoint, with its saved flags (--total-timesteps may be raised)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
+    kv_cache: bool = True
+    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
+    buffer_dir: str | None = None
+    """keep the replay buffer memory-mapped in this folder instead of RAM"""
+    async_envs: bool = False
+    """step envs in subprocesses (gymnasium AsyncVectorEnv); BabyAI steps are cheap (~0.13 ms), so sync is faster"""
+    eval_every: int = 1_000_000
+    """environment steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 5
+    """evaluation meta-rollouts per task"""
+    log_every: float = 5.0
+    """seconds between redraws of the progress bar"""
 
     # Algorithm specific arguments
     tasks: list[str] = field(default_factory=lambda: list(TRAIN_TASKS))
@@ -53,11 +67,9 @@ class Args:
     critic_loss: Literal["ind", "dep"] = "ind"
     """ind: two-hot classification (Eq. 3); dep: PopArt-normalised MSE (Eq. 1)"""
     total_timesteps: int = 100_000_000
-    """total environment steps (our choice: the paper does not state BabyAI's budget; its POPGym and ML45 runs use 100M)"""
+    """total environment steps (our choice: the paper states no BabyAI budget; POPGym and ML45 use 100M)"""
     num_envs: int = 24
     """parallel environments (our choice; the paper does not state it)"""
-    async_envs: bool = False
-    """step envs in subprocesses (gymnasium AsyncVectorEnv); BabyAI steps are cheap (~0.13 ms), so sync is faster"""
     steps_per_epoch: int = 1000
     """steps collected per env between update phases (official library default)"""
     updates_per_epoch: int = 1000
@@ -101,7 +113,7 @@ class Args:
     crr_threshold: float = 0.0
     """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
     popart_beta: float = 5e-4
-    """rate of the global PopArt statistics: the dep critic's output layer, the dep actor's Q scale (official library)"""
+    """rate of the global PopArt statistics (dep critic output, dep actor Q scale) (official library)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (paper Table 1, BabyAI)"""
     weight_decay: float = 1e-3
@@ -115,21 +127,9 @@ class Args:
     eps_end: float = 0.05
     """epsilon-greedy end value (official library)"""
     eps_anneal_steps: int = 500_000
-    """steps per env over which epsilon anneals (500k for BabyAI's short attempts; the official library's default is 1M)"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
-    kv_cache: bool = True
-    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
-    buffer_dir: str | None = None
-    """keep the replay buffer memory-mapped in this folder instead of RAM"""
-    eval_every: int = 1_000_000
-    """environment steps between evaluations (0: only at the end)"""
-    eval_episodes: int = 5
-    """evaluation meta-rollouts per task"""
+    """steps per env over which epsilon anneals (our choice for short attempts; official library default 1M)"""
     eval_tasks_per_split: int | None = None
-    """evaluate on at most this many training and held-out tasks, spread over each list (None: all 50 + 18; a smaller number keeps CPU smoke runs short: all envs step in lockstep until the slowest task finishes)"""
-    log_every: float = 5.0
-    """seconds between redraws of the progress bar"""
+    """evaluate on at most this many training and held-out tasks each, spread over the lists (None: all)"""
 
     # filled in at runtime
     run_name: str = ""

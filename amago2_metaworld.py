@@ -34,15 +34,29 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when a GPU is visible, else cpu"""
     save_model: bool = False
-    """write a checkpoint (weights, optimiser, statistics, RNG, counters, replay buffer) every --checkpoint-every steps and at the end"""
+    """checkpoint everything (weights, optimiser, statistics, RNG, replay buffer) every --checkpoint-every steps"""
     checkpoint_every: int = 1_000_000
     """environment steps between checkpoints (with --save-model)"""
     resume: str | None = None
-    """a run folder (runs/<run_name>) to continue from its last good checkpoint; its saved flags are used, --total-timesteps may be raised"""
+    """a run folder to continue from its last checkpoint, with its saved flags (--total-timesteps may be raised)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
+    kv_cache: bool = True
+    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
+    buffer_dir: str | None = None
+    """keep the replay buffer memory-mapped in this folder instead of RAM"""
+    async_envs: bool = False
+    """step envs in subprocesses (gymnasium AsyncVectorEnv): worth it when CPU cores are free"""
+    eval_every: int = 1_000_000
+    """environment steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 3
+    """evaluation meta-rollouts per task (ML45: 3 x 50 tasks x 1,500 steps = 225k steps; our choice, kept affordable)"""
+    log_every: float = 5.0
+    """seconds between redraws of the progress bar"""
 
     # Algorithm specific arguments
     benchmark: Literal["ML45", "ML10", "ML1"] = "ML45"
-    """ML45: 45 training and 5 held-out task classes (paper Fig. 4); ML10: 10 and 5; ML1: one class, held-out goal variants"""
+    """ML45: 45 train and 5 held-out task classes (paper Fig. 4); ML10: 10 and 5; ML1: one class, held-out goals"""
     ml1_task: str = "reach-v3"
     """the task class for --benchmark ML1, a Meta-World v3 name such as reach-v3, push-v3, pick-place-v3"""
     k_episodes: int = 3
@@ -57,8 +71,6 @@ class Args:
     """total environment steps (paper Fig. 4: 100M)"""
     num_envs: int = 30
     """parallel environments (official library's ML45 launch: 30)"""
-    async_envs: bool = False
-    """step envs in subprocesses (gymnasium AsyncVectorEnv); a MuJoCo step costs ~0.2-0.4 ms, so worth it when CPU cores are free"""
     steps_per_epoch: int = 1500
     """steps collected per env between update phases (official library's ML45 launch: ~1500, one 3-episode rollout)"""
     updates_per_epoch: int = 1000
@@ -102,7 +114,7 @@ class Args:
     crr_threshold: float = 0.0
     """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
     popart_beta: float = 5e-4
-    """rate of the global PopArt statistics: the dep critic's output layer, the dep actor's Q scale (official library)"""
+    """rate of the global PopArt statistics (dep critic output, dep actor Q scale) (official library)"""
     learning_rate: float = 5e-4
     """AdamW learning rate (paper Table 1, Meta-World)"""
     weight_decay: float = 1e-4
@@ -119,18 +131,6 @@ class Args:
     """steps per env over which epsilon anneals (official library's Meta-World launch: 2M)"""
     eps_rollout_floor: float = 0.01
     """floor of the noise at a meta-rollout's last step, which anneals from eps_end to this (official library)"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
-    kv_cache: bool = True
-    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
-    buffer_dir: str | None = None
-    """keep the replay buffer memory-mapped in this folder instead of RAM"""
-    eval_every: int = 1_000_000
-    """environment steps between evaluations (0: only at the end)"""
-    eval_episodes: int = 3
-    """evaluation meta-rollouts per task (ML45: 3 x 50 tasks x 1,500 steps = 225k steps; our choice, kept affordable)"""
-    log_every: float = 5.0
-    """seconds between redraws of the progress bar"""
 
     # filled in at runtime
     run_name: str = ""

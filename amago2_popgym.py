@@ -51,19 +51,33 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when a GPU is visible, else cpu"""
     save_model: bool = False
-    """write a checkpoint (weights, optimiser, statistics, RNG, counters, replay buffer) every --checkpoint-every steps and at the end"""
+    """checkpoint everything (weights, optimiser, statistics, RNG, replay buffer) every --checkpoint-every steps"""
     checkpoint_every: int = 1_000_000
     """environment steps between checkpoints (with --save-model)"""
     resume: str | None = None
-    """a run folder (runs/<run_name>) to continue from its last good checkpoint; its saved flags are used, --total-timesteps may be raised"""
+    """a run folder to continue from its last checkpoint, with its saved flags (--total-timesteps may be raised)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
+    kv_cache: bool = True
+    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
+    buffer_dir: str | None = None
+    """keep the replay buffer memory-mapped in this folder instead of RAM"""
+    async_envs: bool = False
+    """step envs in subprocesses (gymnasium AsyncVectorEnv); POPGym steps are cheap, so sync is faster"""
+    eval_every: int = 1_000_000
+    """environment steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 5
+    """evaluation meta-rollouts per task"""
+    log_every: float = 5.0
+    """seconds between redraws of the progress bar"""
 
     # Algorithm specific arguments
     tasks: list[str] = field(default_factory=lambda: list(POPGYM_TASKS))
     """POPGym tasks to train on, one sampled uniformly per meta-rollout (paper: all 27)"""
     reward_scales: str = ""
-    """TASK=FACTOR list that rescales what the learner and the policy see, e.g. RepeatFirstEasy=100,HigherLowerEasy=0.01 (as paper Fig. 6 does for Procgen); reported returns stay on the default scale"""
+    """TASK=FACTOR,... rescales the rewards the agent sees (paper Fig. 6); reported returns keep the default scale"""
     one_shot: bool = True
-    """one-shot protocol (paper): an exploration episode whose reward is seen but not learned from, then a scored episode; --no-one-shot is the standard single-episode POPGym protocol"""
+    """one-shot protocol (paper): an unscored exploration episode, then a scored one; --no-one-shot: one episode"""
     actor_loss: Literal["ind", "dep"] = "ind"
     """ind: CRR binary filter (Eq. 4); dep: maximise Q (Eq. 2)"""
     critic_loss: Literal["ind", "dep"] = "ind"
@@ -72,14 +86,12 @@ class Args:
     """total environment steps (paper Fig. 5: 100M)"""
     num_envs: int = 24
     """parallel environments (our choice; the paper does not state it)"""
-    async_envs: bool = False
-    """step envs in subprocesses (gymnasium AsyncVectorEnv); POPGym steps are cheap, so sync is faster"""
     steps_per_epoch: int = 1000
     """steps collected per env between update phases (official library default)"""
     updates_per_epoch: int = 1000
     """gradient updates per epoch (official library default)"""
     buffer_size: int = 7_500_000
-    """replay capacity in timesteps (paper Table 1: 15,000 trajectories; x ~500 steps, the mean one-shot rollout when episodes run to their limits is 482, 274 under a random policy)"""
+    """replay capacity in timesteps (paper Table 1: 15,000 trajectories of ~500 steps)"""
     batch_size: int = 24
     """sequences per batch (paper Table 1)"""
     context_len: int = 600
@@ -117,7 +129,7 @@ class Args:
     crr_threshold: float = 0.0
     """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
     popart_beta: float = 5e-4
-    """rate of the global PopArt statistics: the dep critic's output layer, the dep actor's Q scale (official library)"""
+    """rate of the global PopArt statistics (dep critic output, dep actor Q scale) (official library)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (paper Table 1, POPGym)"""
     weight_decay: float = 1e-4
@@ -132,18 +144,6 @@ class Args:
     """epsilon-greedy end value (official library)"""
     eps_anneal_steps: int = 1_000_000
     """steps per env over which epsilon anneals (official library, POPGym)"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
-    kv_cache: bool = True
-    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
-    buffer_dir: str | None = None
-    """keep the replay buffer memory-mapped in this folder instead of RAM"""
-    eval_every: int = 1_000_000
-    """environment steps between evaluations (0: only at the end)"""
-    eval_episodes: int = 5
-    """evaluation meta-rollouts per task"""
-    log_every: float = 5.0
-    """seconds between redraws of the progress bar"""
 
     # filled in at runtime
     run_name: str = ""

@@ -46,23 +46,37 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when a GPU is visible, else cpu"""
     save_model: bool = False
-    """write a checkpoint (weights, optimiser, statistics, RNG, counters, replay buffer) every --checkpoint-every steps and at the end"""
+    """checkpoint everything (weights, optimiser, statistics, RNG, replay buffer) every --checkpoint-every steps"""
     checkpoint_every: int = 1_000_000
     """environment steps between checkpoints (with --save-model)"""
     resume: str | None = None
-    """a run folder (runs/<run_name>) to continue from its last good checkpoint; its saved flags are used, --total-timesteps may be raised"""
+    """a run folder to continue from its last checkpoint, with its saved flags (--total-timesteps may be raised)"""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
+    kv_cache: bool = True
+    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
+    buffer_dir: str | None = None
+    """keep the replay buffer memory-mapped in this folder instead of RAM (needed at the paper's 18M / 80M frames)"""
+    async_envs: bool = False
+    """step envs in subprocesses (gymnasium AsyncVectorEnv); Procgen steps are cheap, so sync is faster"""
+    eval_every: int = 1_000_000
+    """environment steps between evaluations (0: only at the end)"""
+    eval_episodes: int = 5
+    """evaluation meta-rollouts per game, on unseen levels (our choice)"""
+    log_every: float = 5.0
+    """seconds between redraws of the progress bar"""
 
     # Algorithm specific arguments
     mode: Literal["easy", "memory-hard"] = "easy"
-    """easy: 5 games on easy levels (paper Fig. 6); memory-hard: all 16 games on memory levels where a game has them, else hard (paper Fig. 8); it sets every flag below whose None means the mode's value"""
+    """easy: 5 games, easy levels (paper Fig. 6); memory-hard: 16 games, memory or hard levels (Fig. 8); sets None flags"""
     games: list[str] = field(default_factory=list)
-    """Procgen games, one drawn uniformly per meta-rollout (empty: the mode's: easy climber coinrun jumper ninja leaper, paper Fig. 6; memory-hard all 16, paper Fig. 8)"""
+    """Procgen games, one drawn uniformly per meta-rollout (empty: the mode's, paper Fig. 6 / Fig. 8)"""
     reward_scales: str = ""
-    """GAME=FACTOR list that rescales what the learner sees, e.g. coinrun=100,climber=0.1 (paper Fig. 6); reported returns stay on the default scale"""
+    """GAME=FACTOR,... rescales the rewards the agent sees (paper Fig. 6); reported returns keep the default scale"""
     num_train_levels: int = 2000
     """training levels per game; evaluation plays unseen levels (paper Sec. 5: 2k)"""
     horizon: int | None = None
-    """meta-rollout cap H across both attempts (None: the mode's, paper App. B: easy 2500, memory-hard 5000); small values shorten smoke runs"""
+    """meta-rollout cap H across both attempts (None: the mode's, paper App. B: easy 2500, memory-hard 5000)"""
     actor_loss: Literal["ind", "dep"] = "ind"
     """ind: CRR binary filter (Eq. 4); dep: maximise Q (Eq. 2)"""
     critic_loss: Literal["ind", "dep"] = "ind"
@@ -71,14 +85,12 @@ class Args:
     """total environment steps (paper Fig. 6: 275M in easy mode; Fig. 8 trains memory-hard for 2.7B)"""
     num_envs: int = 16
     """parallel environments (our choice; the paper does not state it)"""
-    async_envs: bool = False
-    """step envs in subprocesses (gymnasium AsyncVectorEnv); Procgen steps are cheap: 16 envs on 2 shared CPU cores, sync ~34,000 vs async ~10,000 env steps/s"""
     steps_per_epoch: int = 1000
     """steps collected per env between update phases (official library default)"""
     updates_per_epoch: int = 1000
     """gradient updates per epoch (official library default)"""
     buffer_size: int | None = None
-    """replay capacity in timesteps (None: the mode's, paper Table 1: easy 18M, memory-hard 80M; ~12 KB a frame: use --buffer-dir)"""
+    """replay capacity in timesteps (None: the mode's, paper Table 1: easy 18M, memory-hard 80M)"""
     batch_size: int | None = None
     """sequences per batch (None: the mode's, paper Table 1: easy 24, memory-hard 16)"""
     context_len: int | None = None
@@ -86,7 +98,7 @@ class Args:
     augment_fraction: float = 0.75
     """share of training frames given a DrQ-v2 random shift (official library: 75%)"""
     impala_channels: list[int] | None = None
-    """IMPALA CNN block depths, multiples of 4 for GroupNorm(4) (None: the mode's, paper Table 2: easy 16 32 32, memory-hard 20 36 64)"""
+    """IMPALA CNN block depths, multiples of 4 (None: the mode's, paper Table 2: easy 16 32 32, hard 20 36 64)"""
     d_token: int = 256
     """timestep encoder output size (official library CNN encoder)"""
     d_model: int = 512
@@ -120,7 +132,7 @@ class Args:
     crr_threshold: float = 0.0
     """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
     popart_beta: float = 5e-4
-    """rate of the global PopArt statistics: the dep critic's output layer, the dep actor's Q scale (official library)"""
+    """rate of the global PopArt statistics (dep critic output, dep actor Q scale) (official library)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (paper Table 1, Procgen)"""
     weight_decay: float = 5e-3
@@ -135,18 +147,6 @@ class Args:
     """epsilon-greedy end value (official library)"""
     eps_anneal_steps: int = 1_000_000
     """steps per env over which epsilon anneals (official library default)"""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
-    kv_cache: bool = True
-    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
-    buffer_dir: str | None = None
-    """keep the replay buffer memory-mapped in this folder instead of RAM (needed at the paper's 18M / 80M frames)"""
-    eval_every: int = 1_000_000
-    """environment steps between evaluations (0: only at the end)"""
-    eval_episodes: int = 5
-    """evaluation meta-rollouts per game, on unseen levels (our choice)"""
-    log_every: float = 5.0
-    """seconds between redraws of the progress bar"""
 
     # filled in at runtime
     run_name: str = ""
