@@ -24,20 +24,24 @@ from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 warnings.filterwarnings("ignore", module="gym")  # popgym imports the legacy gym package, which warns on import
 import popgym  # noqa: E402
 
+# The 27 tasks of the paper (App. B: observation and action spaces of dimension < 30), each with the mean return of
+# a uniformly random policy over 200 episodes (tests/tools/measure_popgym_random.py). The normalised
+# score maps these to 0 and POPGym's maximum episode return, 1.0, to 1 (POPGym bounds returns in
+# [-1, 1]); the paper's 1 is the best single-task result of Morad et al., published only as a figure.
 # fmt: off
-POPGYM_TASKS = [
-    "AutoencodeEasy", "AutoencodeMedium", "AutoencodeHard",
-    "RepeatPreviousEasy", "RepeatPreviousMedium", "RepeatPreviousHard",
-    "RepeatFirstEasy", "RepeatFirstMedium", "RepeatFirstHard",
-    "CountRecallEasy", "CountRecallMedium", "CountRecallHard",
-    "PositionOnlyCartPoleEasy", "PositionOnlyCartPoleMedium", "PositionOnlyCartPoleHard",
-    "VelocityOnlyCartpoleEasy", "VelocityOnlyCartpoleMedium", "VelocityOnlyCartpoleHard",
-    "NoisyPositionOnlyCartPoleEasy", "NoisyPositionOnlyCartPoleMedium", "NoisyPositionOnlyCartPoleHard",
-    "HigherLowerEasy", "HigherLowerMedium", "HigherLowerHard",
-    "MultiarmedBanditEasy", "MultiarmedBanditMedium",
-    "MineSweeperEasy",
-]  # the 27 tasks of the paper (App. B): observation and action spaces of dimension < 30
+RANDOM_RETURNS = {
+    "AutoencodeEasy": -0.515, "AutoencodeMedium": -0.5, "AutoencodeHard": -0.498,
+    "RepeatPreviousEasy": -0.499, "RepeatPreviousMedium": -0.509, "RepeatPreviousHard": -0.501,
+    "RepeatFirstEasy": -0.48, "RepeatFirstMedium": -0.497, "RepeatFirstHard": -0.5,
+    "CountRecallEasy": -0.928, "CountRecallMedium": -0.924, "CountRecallHard": -0.883,
+    "PositionOnlyCartPoleEasy": 0.106, "PositionOnlyCartPoleMedium": 0.059, "PositionOnlyCartPoleHard": 0.037,
+    "VelocityOnlyCartpoleEasy": 0.113, "VelocityOnlyCartpoleMedium": 0.052, "VelocityOnlyCartpoleHard": 0.039,
+    "NoisyPositionOnlyCartPoleEasy": 0.113, "NoisyPositionOnlyCartPoleMedium": 0.111, "NoisyPositionOnlyCartPoleHard": 0.112,
+    "HigherLowerEasy": 0.006, "HigherLowerMedium": 0.004, "HigherLowerHard": -0.003,
+    "MultiarmedBanditEasy": -0.001, "MultiarmedBanditMedium": -0.003, "MineSweeperEasy": -0.227,
+}
 # fmt: on
+POPGYM_TASKS = list(RANDOM_RETURNS)
 
 
 @dataclass
@@ -154,40 +158,6 @@ class Args:
 # Environment: multi-task POPGym, one gymnasium episode = one meta-rollout
 # ======================================================================================
 OBS_PAD = 26  # every task's flattened observation fits in 26 features (paper App. B)
-# Mean return of a uniformly random policy per task over 200 episodes (tests/tools/measure_popgym_random.py). The
-# normalised score maps these to 0 and POPGym's maximum episode return, 1.0, to 1 (POPGym bounds returns in
-# [-1, 1]); the paper's 1 is the best single-task result of Morad et al., published only as a figure.
-# fmt: off
-RANDOM_RETURNS = {
-    "AutoencodeEasy": -0.515,
-    "AutoencodeMedium": -0.5,
-    "AutoencodeHard": -0.498,
-    "RepeatPreviousEasy": -0.499,
-    "RepeatPreviousMedium": -0.509,
-    "RepeatPreviousHard": -0.501,
-    "RepeatFirstEasy": -0.48,
-    "RepeatFirstMedium": -0.497,
-    "RepeatFirstHard": -0.5,
-    "CountRecallEasy": -0.928,
-    "CountRecallMedium": -0.924,
-    "CountRecallHard": -0.883,
-    "PositionOnlyCartPoleEasy": 0.106,
-    "PositionOnlyCartPoleMedium": 0.059,
-    "PositionOnlyCartPoleHard": 0.037,
-    "VelocityOnlyCartpoleEasy": 0.113,
-    "VelocityOnlyCartpoleMedium": 0.052,
-    "VelocityOnlyCartpoleHard": 0.039,
-    "NoisyPositionOnlyCartPoleEasy": 0.113,
-    "NoisyPositionOnlyCartPoleMedium": 0.111,
-    "NoisyPositionOnlyCartPoleHard": 0.112,
-    "HigherLowerEasy": 0.006,
-    "HigherLowerMedium": 0.004,
-    "HigherLowerHard": -0.003,
-    "MultiarmedBanditEasy": -0.001,
-    "MultiarmedBanditMedium": -0.003,
-    "MineSweeperEasy": -0.227,
-}
-# fmt: on
 
 
 def popgym_class(name: str):

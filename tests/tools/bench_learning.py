@@ -28,13 +28,13 @@ sys.path.insert(0, ROOT)
 # action space is the largest of the chosen tasks' (invalid actions act at random), so at this budget the demo's
 # tasks have 2-4 actions: with MineSweeperEasy (16 actions) or MultiarmedBanditEasy (10) in the set, the mean
 # normalised score stayed at 0.00-0.09 for 75k steps (see the README).
-POPGYM_TASKS = ["RepeatFirstEasy", "HigherLowerEasy", "PositionOnlyCartPoleEasy", "VelocityOnlyCartpoleEasy"]
+DEMO_TASKS = ["RepeatFirstEasy", "HigherLowerEasy", "PositionOnlyCartPoleEasy", "VelocityOnlyCartpoleEasy"]
 # fmt: off
 SMALL_MODEL = ["--context-len", "64", "--batch-size", "16", "--d-model", "64", "--d-ff", "256", "--n-layers", "2",
                "--n-heads", "4", "--d-token", "64", "--head-hidden", "64", "--learning-rate", "3e-4"]
 # fmt: on
 # fmt: off
-POPGYM_DEMO = ["--tasks", *POPGYM_TASKS, "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16",
+POPGYM_DEMO = ["--tasks", *DEMO_TASKS, "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16",
                *SMALL_MODEL, "--buffer-size", "400000", "--eps-anneal-steps", "4000", "--eval-every", "25000",
                "--eval-episodes", "10"]
 # fmt: on
