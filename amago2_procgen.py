@@ -202,6 +202,21 @@ def distribution_mode(mode: str, game: str) -> str:
     return "memory" if game in MEMORY_GAMES else "hard"
 
 
+def check_procgen_config(mode: str, games: list[str], reward_scales: dict, num_train_levels: int, task: str | None = None):
+    """The one place that checks the env's settings (the command line and the env constructor both call it)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown Procgen mode {mode!r}; choose from: {', '.join(MODES)}")
+    unknown = sorted((set(games) | ({task} if task else set())) - set(PROCGEN_GAMES))
+    if unknown:
+        raise ValueError(f"unknown Procgen game(s) {unknown}; choose from: {', '.join(PROCGEN_GAMES)}")
+    if set(reward_scales) - set(games):
+        raise ValueError(f"--reward-scales names game(s) not played: {sorted(set(reward_scales) - set(games))}")
+    if not 0 < num_train_levels <= EVAL_START_LEVEL:
+        raise ValueError(
+            f"--num-train-levels must be in [1, {EVAL_START_LEVEL}] (evaluation levels start there), got {num_train_levels}"
+        )
+
+
 class ProcgenMetaEnv(gym.Env):
     """One episode of this env is one meta-rollout: draw a game, then play one of its levels twice.
 
@@ -222,18 +237,10 @@ class ProcgenMetaEnv(gym.Env):
         task: str | None = None,
         horizon: int | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown Procgen mode {mode!r}; choose from: {', '.join(MODES)}")
+        check_procgen_config(mode, games or MODES.get(mode, [[]])[0], reward_scales or {}, num_train_levels, task)
         default_games, default_horizon, self.score_ranges = MODES[mode]
         self.mode, self.games, self.pinned = mode, list(games or default_games), task
-        unknown = sorted(set(self.games + ([task] if task else [])) - set(PROCGEN_GAMES))
-        if unknown:
-            raise ValueError(f"unknown Procgen game(s) {unknown}; choose from: {', '.join(PROCGEN_GAMES)}")
         self.reward_scales = dict(reward_scales or {})
-        if set(self.reward_scales) - set(self.games):
-            raise ValueError(f"reward scales for games not played: {sorted(set(self.reward_scales) - set(self.games))}")
-        if not 0 < num_train_levels <= EVAL_START_LEVEL:
-            raise ValueError(f"num_train_levels must be in [1, {EVAL_START_LEVEL}]: more reach the evaluation levels")
         self.horizon = horizon or default_horizon
         # procgen's (start_level, num_levels): training levels, or unseen levels that training never draws
         self.level_range = (0, num_train_levels) if train else (EVAL_START_LEVEL, 2**31 - 1 - EVAL_START_LEVEL)
@@ -359,19 +366,11 @@ def make_eval_envs(args: Args) -> list:
 
 
 def check_env_args(args: Args):
-    unknown = sorted(set(args.games) - set(PROCGEN_GAMES))
-    if unknown:
-        fail(f"unknown Procgen game(s) {unknown}; choose from: {', '.join(PROCGEN_GAMES)}")
     try:
         scales = parse_reward_scales(args.reward_scales, PROCGEN_GAMES)
+        check_procgen_config(args.mode, args.games, scales, args.num_train_levels)
     except ValueError as e:
-        fail(f"--reward-scales: {e}")
-    if set(scales) - set(args.games):
-        fail(f"--reward-scales names game(s) not played: {sorted(set(scales) - set(args.games))}")
-    if not 0 < args.num_train_levels <= EVAL_START_LEVEL:
-        fail(
-            f"--num-train-levels must be in [1, {EVAL_START_LEVEL}] (evaluation levels start there), got {args.num_train_levels}"
-        )
+        fail(str(e) if str(e).startswith(("--", "unknown")) else f"--reward-scales: {e}")
     if args.horizon <= 0:
         fail(f"--horizon must be positive, got {args.horizon}")
     if not 0.0 <= args.augment_fraction <= 1.0:
