@@ -1249,12 +1249,11 @@ if __name__ == "__main__":
             updates += 1
             progress.update(time.time() - update_step_start)  # long update phases (CPU, paper sizes) keep reporting
         if args.updates_per_epoch:
-            step = global_step
             for k, v in metrics.items():
-                writer.add_scalar(k, v.item(), step)
-            writer.add_scalar("losses/grad_norm", grad_norm.item(), step)
-            writer.add_scalar("charts/updates_per_second", args.updates_per_epoch / (time.time() - update_start), step)
-            writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], step)
+                writer.add_scalar(k, v.item(), global_step)
+            writer.add_scalar("losses/grad_norm", grad_norm.item(), global_step)
+            writer.add_scalar("charts/updates_per_second", args.updates_per_epoch / (time.time() - update_start), global_step)
+            writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], global_step)
 
         # ---- evaluate and checkpoint at epoch boundaries ----
         final = global_step >= args.total_timesteps
