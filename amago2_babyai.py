@@ -20,7 +20,7 @@ from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX  #
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.replay import ReplayBuffer
+from common.replay import ReplayBuffer, trim_padding
 from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 
 
@@ -1230,7 +1230,7 @@ if __name__ == "__main__":
         update_start = time.time()
         for _ in range(args.updates_per_epoch):
             update_step_start = time.time()
-            batch = buffer.sample(args.batch_size, args.context_len + 1, rng)
+            batch = trim_padding(buffer.sample(args.batch_size, args.context_len + 1, rng))  # (B, <= l+1)
             batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             with autocast:
                 loss, metrics = compute_losses(agent, batch, args)

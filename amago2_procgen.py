@@ -19,7 +19,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.replay import ReplayBuffer
+from common.replay import ReplayBuffer, trim_padding
 from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 
 with contextlib.redirect_stderr(io.StringIO()):  # procgen imports the legacy gym package, which prints a notice
@@ -1321,7 +1321,7 @@ if __name__ == "__main__":
         update_start = time.time()
         for _ in range(args.updates_per_epoch):
             update_step_start = time.time()
-            batch = buffer.sample(args.batch_size, args.context_len + 1, rng)
+            batch = trim_padding(buffer.sample(args.batch_size, args.context_len + 1, rng))  # (B, <= l+1)
             batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             batch["image"] = random_shift(batch["image"], fraction=args.augment_fraction)  # DrQ-v2: training batches only
             with autocast:

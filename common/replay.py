@@ -161,3 +161,13 @@ class ReplayBuffer:
         for name in os.listdir(parent):
             if name.startswith("buffer-") and name != keep:
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def trim_padding(batch: dict) -> dict:
+    """Drop the trailing timesteps that no window of the batch reaches (padding past every window's rollout end).
+
+    Exact: the Transformer is causal, so no real timestep attends to them, and every loss and statistic is masked.
+    Short rollouts (POPGym one-shot: ~270-480 steps at context 600) otherwise spend most of an update on padding.
+    """
+    length = int(np.flatnonzero(batch["mask"].any(0)).max()) + 1
+    return {name: x[:, :length] for name, x in batch.items()}

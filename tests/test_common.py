@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.replay import ReplayBuffer
+from common.replay import ReplayBuffer, trim_padding
 from common.twohot import bin_supports, bins_to_scalar, symexp, symlog, twohot
 
 
@@ -169,3 +169,14 @@ def test_disk_buffer_that_cannot_fit_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 0, 10**6))
     with pytest.raises(MemoryError, match="on disk"):
         ReplayBuffer({"frame": ((84, 84, 3), np.uint8)}, capacity=10**5, num_envs=1, path=str(tmp_path / "b"))
+
+
+def test_trim_padding_drops_only_the_columns_no_window_reaches():
+    mask = np.zeros((3, 10), dtype=bool)
+    mask[0, :4], mask[1, 2:7], mask[2, :3] = True, True, True  # the longest real window ends at column 6
+    batch = {"mask": mask, "obs": np.arange(30).reshape(3, 10), "image": np.ones((3, 10, 2, 2, 3), np.uint8)}
+    out = trim_padding(batch)
+    assert out["mask"].shape == (3, 7) and out["image"].shape == (3, 7, 2, 2, 3)
+    assert np.array_equal(out["obs"], batch["obs"][:, :7]) and np.array_equal(out["mask"], mask[:, :7])
+    full = dict(batch, mask=np.ones((3, 10), dtype=bool))
+    assert trim_padding(full)["obs"].shape == (3, 10)  # nothing to drop

@@ -481,3 +481,20 @@ def test_cpu_notice_times_an_update_on_a_copy_for_a_paper_width_model():
     assert all(torch.equal(wide.state_dict()[k], v) for k, v in before.items())
     assert all(p.grad is None for p in wide.parameters())
     assert A.cpu_notice(wide_args, wide, fields, torch.device("cuda")) is None  # GPUs need no warning
+
+
+def test_trimmed_padding_gives_the_same_losses():
+    """Trailing padding is dead weight: the losses of a window equal those of the window cut at its last real step
+    (one window, the sampling-free dep/dep update, no dropout, so both draw the same random critics)."""
+    agent, args = make_agent(actor_loss="dep", critic_loss="dep", dropout=0.0)
+    batch = {k: v[:1] for k, v in random_batch(agent, args).items()}  # window 0: real up to column 8 of 17
+    trimmed = A.trim_padding({k: v.numpy() for k, v in batch.items()})
+    assert trimmed["mask"].shape == (1, 9)
+    torch.manual_seed(3)
+    loss, metrics = A.compute_losses(copy.deepcopy(agent), batch, args)
+    torch.manual_seed(3)
+    loss_t, metrics_t = A.compute_losses(copy.deepcopy(agent), {k: torch.as_tensor(v) for k, v in trimmed.items()}, args)
+    torch.testing.assert_close(loss_t, loss, rtol=1e-5, atol=1e-6)
+    for k in metrics:
+        if k != "losses/policy_entropy":  # a sampled estimate: its draws depend on the batch length
+            torch.testing.assert_close(metrics_t[k], metrics[k], rtol=1e-5, atol=1e-6)
