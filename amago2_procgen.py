@@ -661,6 +661,7 @@ class CriticEnsemble(nn.Module):
         # a plain matmul keeps (C, N, K, Ga, H) contiguous (einsum's permuted output would cost a full copy below)
         action = torch.matmul(action_feats.reshape(1, -1, action_feats.shape[-1]), self.w_action).view(C, N, K, Ga, -1)
         gamma = torch.einsum("gi,cih->cgh", self.gamma_feature, self.w_gamma) + self.b1  # (C, G, H), with the bias
+        gamma = gamma.to(action.dtype)  # the fp32 bias would promote the bf16 pre-activation below back to fp32
         # the (C, N, K, G, H) pre-activation is the update's largest tensor: one broadcast add, then in place
         x = action + gamma[:, None, None]
         x += state[:, :, None, None]

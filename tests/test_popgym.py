@@ -498,3 +498,18 @@ def test_trimmed_padding_gives_the_same_losses():
     for k in metrics:
         if k != "losses/policy_entropy":  # a sampled estimate: its draws depend on the batch length
             torch.testing.assert_close(metrics_t[k], metrics[k], rtol=1e-5, atol=1e-6)
+
+
+def test_critic_pre_activation_stays_bf16_under_autocast(monkeypatch):
+    """The (C, N, K, G, H) pre-activation, the update's largest tensor, is bf16 under bf16 autocast (an fp32 bias
+    once promoted it back to fp32) and fp32 without autocast."""
+    torch.manual_seed(0)
+    ens = A.CriticEnsemble(8, 3, torch.tensor([0.9, 0.99]), 16, 5, 2)
+    h, a = torch.randn(6, 8), A.action_features(torch.randint(0, 3, (6, 2, 2)), 3)
+    seen = []
+    leaky_relu = torch.nn.functional.leaky_relu
+    monkeypatch.setattr(A.F, "leaky_relu", lambda x, *args, **kw: seen.append(x.dtype) or leaky_relu(x, *args, **kw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ens(h, a)
+    ens(h, a)
+    assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
