@@ -37,6 +37,7 @@ CONFIGS = {
         num_bins=64,
         crr_samples=3,
         num_envs=12,
+        # fmt: off
         gammas=[
             0.1,
             0.7,
@@ -58,6 +59,7 @@ CONFIGS = {
             0.9995,
             0.999,
         ],
+        # fmt: on
     ),
     # the paper's POPGym size (Table 2) on all 27 tasks
     "paper": dict(),
@@ -143,7 +145,8 @@ def updates(cfg, precision: str, n: int):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def one_update():
-        batch = {k: torch.as_tensor(v) for k, v in buffer.sample(args.batch_size, args.context_len + 1, rng).items()}
+        batch = A.trim_padding(buffer.sample(args.batch_size, args.context_len + 1, rng))  # as the training loop
+        batch = {k: torch.as_tensor(v) for k, v in batch.items()}
         with autocast:
             loss, _ = A.compute_losses(agent, batch, args)
         opt.zero_grad()
