@@ -22,6 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import amago2_popgym as A  # noqa: E402
 
+# fmt: off
+GAMMAS_19 = [0.1, 0.7, 0.9, 0.93, 0.95, 0.98, 0.99, 0.992, 0.994, 0.995, 0.997, 0.998, 0.999, 0.9991, 0.9992, 0.9993, 0.9994, 0.9995, 0.999]
+# fmt: on
+
 CONFIGS = {
     # the official library's measurement config: RepeatPreviousEasy, single-episode protocol, 19 gammas
     "comparison": dict(
@@ -37,29 +41,7 @@ CONFIGS = {
         num_bins=64,
         crr_samples=3,
         num_envs=12,
-        # fmt: off
-        gammas=[
-            0.1,
-            0.7,
-            0.9,
-            0.93,
-            0.95,
-            0.98,
-            0.99,
-            0.992,
-            0.994,
-            0.995,
-            0.997,
-            0.998,
-            0.999,
-            0.9991,
-            0.9992,
-            0.9993,
-            0.9994,
-            0.9995,
-            0.999,
-        ],
-        # fmt: on
+        gammas=GAMMAS_19,
     ),
     # the paper's POPGym size (Table 2) on all 27 tasks
     "paper": dict(),
