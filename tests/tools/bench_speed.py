@@ -1,18 +1,26 @@
 """Speed benchmark for amago2_popgym.py (not part of the pytest run).
 
 python tests/tools/bench_speed.py [--config comparison|paper|both] [--updates N] [--precision fp32 bf16]
+python tests/tools/bench_speed.py --config comparison --against e9ff3aa --rounds 3   # same-run ratio to a commit
 
 Reports, for each config: (a) env steps/s of the collection loop with the policy in it (sync and async
 envs) and of policy inference alone at context positions 10 and 500, with the KV cache and with full
 recompute; (b) gradient updates/s; (c) the update's achieved FLOP/s as a fraction of torch's own
 matmul throughput here; (d) peak resident memory. The comparison config is the one the official
 library was measured at on this machine (see README#speed).
+
+--against COMMIT exports that commit into a temporary folder and runs its own bench_speed.py and this tree's in
+alternation (--rounds times, order swapped each round, so machine drift hits both), then prints the median of each
+(a)/(b) rate per tree and the ratio: every speed claim is a same-run ratio, never a number from another day.
 """
 
 import argparse
 import os
+import re
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -149,13 +157,46 @@ def updates(cfg, precision: str, n: int):
     return 1 / seconds, flops
 
 
+RATE = re.compile(r"^\((a|b)\) ([^:]+): ([\d,.]+) (env steps/s|updates/s)", re.M)
+
+
+def run_tree(script: str, flags: list) -> dict[str, float]:
+    """One bench_speed.py run in its own process: {"(b) fp32": updates/s, "(a) collection loop, sync envs, ...": ...}."""
+    out = subprocess.run([sys.executable, script, *flags], capture_output=True, text=True, check=True).stdout
+    return {f"({m[0]}) {m[1]}": float(m[2].replace(",", "")) for m in RATE.findall(out)}
+
+
+def against(commit: str, rounds: int, flags: list):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "-C", root, "archive", commit], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        theirs = next(p for p in (f"{tmp}/tests/tools/bench_speed.py", f"{tmp}/tests/bench_speed.py") if os.path.exists(p))
+        trees = {"this tree": os.path.abspath(__file__), commit: theirs}
+        results = {name: [] for name in trees}
+        for r in range(rounds):
+            for name in list(trees)[:: 1 if r % 2 == 0 else -1]:  # alternate which tree runs first
+                results[name].append(run_tree(trees[name], flags))
+                print(f"round {r + 1}/{rounds}: {name} done", flush=True)
+    print(f"\nmedian of {rounds} alternating runs; ratio = this tree / {commit}")
+    for key in results["this tree"][0]:
+        ours, base = (float(np.median([run[key] for run in results[name] if key in run])) for name in trees)
+        print(f"{key}: this tree {ours:,.3f}, {commit} {base:,.3f}, ratio {ours / base:.2f}x")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="both", choices=["comparison", "paper", "both"])
     parser.add_argument("--updates", type=int, default=5)
     parser.add_argument("--collect-steps", type=int, default=300)
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--against", help="a git commit to time in the same run, alternating with this tree")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per tree with --against")
     opts = parser.parse_args()
+    if opts.against:
+        flags = ["--config", opts.config, "--updates", str(opts.updates), "--collect-steps", str(opts.collect_steps)]
+        against(opts.against, opts.rounds, [*flags, "--precision", *opts.precision])
+        sys.exit(0)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16) for p in opts.precision}
