@@ -513,3 +513,28 @@ def test_critic_pre_activation_stays_bf16_under_autocast(monkeypatch):
         ens(h, a)
     ens(h, a)
     assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+
+
+def test_monte_carlo_returns_known_answer():
+    """gamma 0.5: rewards 1, 2, 3 give 1 + 0.5 * 2 + 0.25 * 3 = 2.75, 2 + 1.5 = 3.5, 3; padding counts nothing."""
+    reward = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 99.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    mc = A.monte_carlo_returns(reward, valid, torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(mc[..., 0], torch.tensor([[2.75, 3.5, 3.0], [2.0, 2.0, 0.0]]))
+    torch.testing.assert_close(mc[..., 1], torch.tensor([[6.0, 5.0, 3.0], [3.0, 2.0, 0.0]]))
+
+
+def test_q_against_monte_carlo_only_where_the_rollout_ends_in_the_window():
+    agent, args = make_agent(critic_loss="dep")
+    with torch.no_grad():
+        agent.critics.w3.zero_()
+        agent.critics.b3.fill_(0.5)  # Q = 5 everywhere (PopArt sigma 10), preserved through the update's PopArt step
+    batch = random_batch(agent, args)
+    _, metrics = A.compute_losses(agent, batch, args)
+    assert "losses/q_minus_mc" not in metrics  # no window reaches a terminal: no fully observed return
+    batch["terminal"][0, 8] = True  # window 0's rollout ends at its last real timestep (its row 8)
+    _, metrics = A.compute_losses(agent, batch, args)
+    r = args.reward_multiplier * batch["reward"][0, 1:9]  # transitions 0..7 of window 0
+    mc = [sum(args.rollout_gamma**j * r[t + j].item() for j in range(8 - t)) for t in range(8)]
+    assert metrics["losses/mc_return"].item() == pytest.approx(np.mean(mc), rel=1e-4)
+    assert metrics["losses/q_minus_mc"].item() == pytest.approx(5.0 - np.mean(mc), rel=1e-4, abs=1e-3)
