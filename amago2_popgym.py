@@ -724,15 +724,6 @@ def crr_filter(agent: Agent, h: torch.Tensor, dist, q_buffer: torch.Tensor, args
         return (q_buffer.mean(-1) - baseline > args.crr_threshold).float()
 
 
-def monte_carlo_returns(reward: torch.Tensor, valid: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
-    """sum_{k >= t} gamma^(k - t) r_k over the valid transitions of each window, (B, l) -> (B, l, G). A diagnostic: it is
-    the observed discounted return only in windows that hold their rollout's terminal (windows never cross rollouts)."""
-    steps = torch.arange(reward.shape[1], device=reward.device)
-    ahead = (steps[None, :] - steps[:, None]).float()  # (l, l): k - t
-    discount = torch.where(ahead >= 0, gammas[:, None, None] ** ahead.clamp(min=0), 0.0)  # (G, l, l)
-    return torch.einsum("gtk,bk->btg", discount, reward * valid)
-
-
 def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
     """Both losses on a batch of windows of l+1 timesteps: transition t uses h_t, h_{t+1} and the data of row t+1."""
     valid = batch["mask"][:, 1:]  # (B, l): transition t is real iff timestep t+1 is real
@@ -768,23 +759,36 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
 
     actor_loss, critic_loss = masked_mean(actor), masked_mean(critic)
     metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss, "losses/td_target_mean": masked_mean(y)}
-    with torch.no_grad():  # diagnostics: the critics' value of the buffer actions (compare with the TD targets) and
-        q = agent.scalar_q(out)  # (N, G, C)
-        metrics["losses/q_mean"] = masked_mean(q)  # the policy entropy, -log pi(a|h) at a ~ pi
-        metrics["losses/policy_entropy"] = masked_mean(-dist.log_prob(dist.sample()))
-        # Q of the acting gamma against the discounted return that followed, in windows that reach their rollout's end
-        # (that return is the behaviour policy's, exploration included: expect Q a little above it, not far off)
-        B, l = batch["reward"][:, 1:].shape
-        valid_bl, terminal = valid.view(B, l), batch["terminal"][:, 1:].bool() & valid.view(B, l)
-        g = args.gammas.index(args.rollout_gamma)
-        mc = monte_carlo_returns(args.reward_multiplier * batch["reward"][:, 1:].float(), valid_bl, agent.gammas)[..., g]
-        ends = valid_bl & terminal.any(1, keepdim=True)  # (B, l): transitions whose return is fully observed
-        if ends.any():
-            metrics["losses/mc_return"] = mc[ends].mean()
-            metrics["losses/q_minus_mc"] = (q[:, g].mean(-1).view(B, l) - mc)[ends].mean()
     if args.actor_loss == "ind":
         metrics["losses/crr_kept_fraction"] = masked_mean(keep)
+    with torch.no_grad():
+        q = agent.scalar_q(out)  # (N, G, C)
+        metrics |= {"losses/q_mean": masked_mean(q), "losses/policy_entropy": masked_mean(-dist.log_prob(dist.sample()))}
+        metrics |= critic_vs_returns(q, batch, valid, agent.gammas, args)
     return actor_loss + args.critic_weight * critic_loss, metrics
+
+
+def monte_carlo_returns(reward: torch.Tensor, valid: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
+    """sum_{k >= t} gamma^(k - t) r_k over the valid transitions of each window, (B, l) -> (B, l, G). A diagnostic: it is
+    the observed discounted return only in windows that hold their rollout's terminal (windows never cross rollouts)."""
+    steps = torch.arange(reward.shape[1], device=reward.device)
+    ahead = (steps[None, :] - steps[:, None]).float()  # (l, l): k - t
+    discount = torch.where(ahead >= 0, gammas[:, None, None] ** ahead.clamp(min=0), 0.0)  # (G, l, l)
+    return torch.einsum("gtk,bk->btg", discount, reward * valid)
+
+
+def critic_vs_returns(q: torch.Tensor, batch: dict, valid: torch.Tensor, gammas: torch.Tensor, args: Args) -> dict:
+    """Diagnostic: the critics' mean Q of the acting gamma against the discounted return that actually followed, over
+    the windows that reach their rollout's end. That return is the behaviour policy's, exploration included: expect Q
+    a little above it; far below means the values have not propagated yet. q: (N, G, C); valid: (N,)."""
+    B, l = batch["reward"][:, 1:].shape
+    valid = valid.view(B, l)
+    ends = valid & (batch["terminal"][:, 1:].bool() & valid).any(1, keepdim=True)  # (B, l): returns fully observed
+    if not ends.any():
+        return {}
+    g = args.gammas.index(args.rollout_gamma)
+    mc = monte_carlo_returns(args.reward_multiplier * batch["reward"][:, 1:].float(), valid, gammas)[..., g]  # (B, l)
+    return {"losses/mc_return": mc[ends].mean(), "losses/q_minus_mc": (q[:, g].mean(-1).view(B, l) - mc)[ends].mean()}
 
 
 # ======================================================================================
