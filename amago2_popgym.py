@@ -746,9 +746,10 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     else:
         critic = critic_loss_dep(agent, out, y)
 
+    q_buffer = agent.scalar_q(out.detach())  # (N, G, C): the critics' value of the buffer actions
     dist = agent.actor(h_t)  # G distributions over (N,)
     if args.actor_loss == "ind":
-        keep = crr_filter(agent, h_t, dist, agent.scalar_q(out.detach()), args)  # (N, G)
+        keep = crr_filter(agent, h_t, dist, q_buffer, args)  # (N, G)
         a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
         actor = -keep * dist.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
     else:
@@ -761,10 +762,10 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss, "losses/td_target_mean": masked_mean(y)}
     if args.actor_loss == "ind":
         metrics["losses/crr_kept_fraction"] = masked_mean(keep)
-    with torch.no_grad():
-        q = agent.scalar_q(out)  # (N, G, C)
-        metrics |= {"losses/q_mean": masked_mean(q), "losses/policy_entropy": masked_mean(-dist.log_prob(dist.sample()))}
-        metrics |= critic_vs_returns(q, batch, valid, agent.gammas, args)
+    with torch.no_grad():  # diagnostics
+        metrics["losses/q_mean"] = masked_mean(q_buffer)
+        metrics["losses/policy_entropy"] = masked_mean(-dist.log_prob(dist.sample()))
+        metrics |= critic_vs_returns(q_buffer, batch, valid, agent.gammas, args)
     return actor_loss + args.critic_weight * critic_loss, metrics
 
 
@@ -1004,7 +1005,7 @@ class Progress:
 def cpu_notice(args: Args, agent: Agent, fields: dict, device: torch.device) -> str | None:
     """On CPU with the paper's model width: time one update on a copy of the agent (a zero batch) and say what an epoch
     of updates will cost, and where the CPU demo is. None on a GPU or with a cut-down model."""
-    if device.type != "cpu" or args.d_model < type(args).__dataclass_fields__["d_model"].default:
+    if device.type != "cpu" or args.d_model < Args.d_model:
         return None
     shape = (args.batch_size, args.context_len + 1)
     batch = {name: torch.zeros(*shape, *s, dtype=getattr(torch, np.dtype(dt).name)) for name, (s, dt) in fields.items()}

@@ -203,9 +203,11 @@ def distribution_mode(mode: str, game: str) -> str:
 
 
 def check_procgen_config(mode: str, games: list[str], reward_scales: dict, num_train_levels: int, task: str | None = None):
-    """The one place that checks the env's settings (the command line and the env constructor both call it)."""
+    """The one place that checks the env's settings (the command line and the env constructor both call it).
+    No games: the mode's."""
     if mode not in MODES:
         raise ValueError(f"unknown Procgen mode {mode!r}; choose from: {', '.join(MODES)}")
+    games = games or MODES[mode][0]
     unknown = sorted((set(games) | ({task} if task else set())) - set(PROCGEN_GAMES))
     if unknown:
         raise ValueError(f"unknown Procgen game(s) {unknown}; choose from: {', '.join(PROCGEN_GAMES)}")
@@ -237,7 +239,7 @@ class ProcgenMetaEnv(gym.Env):
         task: str | None = None,
         horizon: int | None = None,
     ):
-        check_procgen_config(mode, games or MODES.get(mode, [[]])[0], reward_scales or {}, num_train_levels, task)
+        check_procgen_config(mode, games or [], reward_scales or {}, num_train_levels, task)
         default_games, default_horizon, self.score_ranges = MODES[mode]
         self.mode, self.games, self.pinned = mode, list(games or default_games), task
         self.reward_scales = dict(reward_scales or {})
@@ -368,9 +370,12 @@ def make_eval_envs(args: Args) -> list:
 def check_env_args(args: Args):
     try:
         scales = parse_reward_scales(args.reward_scales, PROCGEN_GAMES)
+    except ValueError as e:
+        fail(f"--reward-scales: {e}")
+    try:
         check_procgen_config(args.mode, args.games, scales, args.num_train_levels)
     except ValueError as e:
-        fail(str(e) if str(e).startswith(("--", "unknown")) else f"--reward-scales: {e}")
+        fail(str(e))
     if args.horizon <= 0:
         fail(f"--horizon must be positive, got {args.horizon}")
     if not 0.0 <= args.augment_fraction <= 1.0:
@@ -850,9 +855,10 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     else:
         critic = critic_loss_dep(agent, out, y)
 
+    q_buffer = agent.scalar_q(out.detach())  # (N, G, C): the critics' value of the buffer actions
     dist = agent.actor(h_t)  # G distributions over (N,)
     if args.actor_loss == "ind":
-        keep = crr_filter(agent, h_t, dist, agent.scalar_q(out.detach()), args)  # (N, G)
+        keep = crr_filter(agent, h_t, dist, q_buffer, args)  # (N, G)
         a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
         actor = -keep * dist.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
     else:
@@ -865,10 +871,10 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss, "losses/td_target_mean": masked_mean(y)}
     if args.actor_loss == "ind":
         metrics["losses/crr_kept_fraction"] = masked_mean(keep)
-    with torch.no_grad():
-        q = agent.scalar_q(out)  # (N, G, C)
-        metrics |= {"losses/q_mean": masked_mean(q), "losses/policy_entropy": masked_mean(-dist.log_prob(dist.sample()))}
-        metrics |= critic_vs_returns(q, batch, valid, agent.gammas, args)
+    with torch.no_grad():  # diagnostics
+        metrics["losses/q_mean"] = masked_mean(q_buffer)
+        metrics["losses/policy_entropy"] = masked_mean(-dist.log_prob(dist.sample()))
+        metrics |= critic_vs_returns(q_buffer, batch, valid, agent.gammas, args)
     return actor_loss + args.critic_weight * critic_loss, metrics
 
 
@@ -1108,7 +1114,7 @@ class Progress:
 def cpu_notice(args: Args, agent: Agent, fields: dict, device: torch.device) -> str | None:
     """On CPU with the paper's model width: time one update on a copy of the agent (a zero batch) and say what an epoch
     of updates will cost, and where the CPU demo is. None on a GPU or with a cut-down model."""
-    if device.type != "cpu" or args.d_model < type(args).__dataclass_fields__["d_model"].default:
+    if device.type != "cpu" or args.d_model < Args.d_model:
         return None
     shape = (args.batch_size, args.context_len + 1)
     batch = {name: torch.zeros(*shape, *s, dtype=getattr(torch, np.dtype(dt).name)) for name, (s, dt) in fields.items()}

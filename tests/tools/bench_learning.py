@@ -24,61 +24,49 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+# fmt: off
 # The POPGym demo: four tasks at once in the one-shot protocol, one of them a memory task (RepeatFirstEasy asks
 # for the suit of the episode's first card at every step); a cut-down model, everything else the paper's. The
 # action space is the largest of the chosen tasks' (invalid actions act at random), so at this budget the demo's
 # tasks have 2-4 actions: with MineSweeperEasy (16 actions) or MultiarmedBanditEasy (10) in the set, the mean
 # normalised score stayed at 0.00-0.09 for 75k steps (see the README).
 DEMO_TASKS = ["RepeatFirstEasy", "HigherLowerEasy", "PositionOnlyCartPoleEasy", "VelocityOnlyCartpoleEasy"]
-# fmt: off
 SMALL_MODEL = ["--context-len", "64", "--batch-size", "16", "--d-model", "64", "--d-ff", "256", "--n-layers", "2",
                "--n-heads", "4", "--d-token", "64", "--head-hidden", "64", "--learning-rate", "3e-4"]
-# fmt: on
-# fmt: off
 POPGYM_DEMO = ["--tasks", *DEMO_TASKS, "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16",
                *SMALL_MODEL, "--buffer-size", "400000", "--eps-anneal-steps", "4000", "--eval-every", "25000",
                "--eval-episodes", "10"]
-# fmt: on
 
 # Paper Fig. 6 / 9 in miniature: two tasks in the single-episode protocol (so both learn within a short budget), with
 # their default rewards and with one rescaled x100 and the other x0.01, for Ind/Ind and Dep/Dep.
-# fmt: off
 REWARD_SCALE_DEMO = [*POPGYM_DEMO, "--tasks", "RepeatFirstEasy", "HigherLowerEasy", "--no-one-shot", "--eval-every",
                      "10000", "--total-timesteps", "50000"]
-# fmt: on
 
 # The BabyAI demo: four single-room training tasks, two attempts on the same layout, evaluated on unseen layout
 # seeds of those tasks and on two held-out tasks; context 128 spans both attempts (time limits 36-64 steps each).
-# fmt: off
 BABYAI_DEMO = ["--tasks", "GoToRedBallNoDists", "GoToRedBall", "GoToObjS6", "OneRoomS8", "--test-tasks", "GoToRedBallGrey",
                "GoToObjS4", "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", *SMALL_MODEL,
                "--context-len", "128", "--batch-size", "8", "--buffer-size", "400000", "--eps-anneal-steps", "4000",
                "--eval-every", "20000", "--eval-episodes", "10", "--total-timesteps", "100000",
                "--learning-rate", "1e-4"]  # the paper's BabyAI rate: at 3e-4 one seed of two collapsed after 60k steps
-# fmt: on
 
 # The Meta-World demo: ML1 reach-v3 (the goal is hidden, 50 training goals, held-out goals for test) with the paper's
 # k = 3 attempts, shortened to 100-step episodes so that a 300-step meta-rollout fits one context; one meta-rollout
 # per env per epoch.
-# fmt: off
 METAWORLD_DEMO = ["--benchmark", "ML1", "--ml1-task", "reach-v3", "--episode-length", "100", "--num-envs", "8",
                   "--steps-per-epoch", "300", "--updates-per-epoch", "48", *SMALL_MODEL, "--context-len", "300",
                   "--batch-size", "8", "--buffer-size", "400000", "--eps-anneal-steps", "3000", "--eval-every", "25000",
                   "--eval-episodes", "6", "--total-timesteps", "100000"]
-# fmt: on
 
 # The pixel demos: the paper's IMPALA encoder with fewer channels, short contexts, one game each.
-# fmt: off
 SMALL_PIXELS = [*SMALL_MODEL, "--impala-channels", "8", "16", "16", "--context-len", "32", "--batch-size", "8",
                 "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", "--buffer-size", "200000",
                 "--eps-anneal-steps", "3000", "--eval-every", "10000", "--total-timesteps", "40000"]
-# fmt: on
 # Procgen: coinrun (a paper Fig. 6 game) in its two-attempt protocol, 200 training levels, evaluated on unseen levels.
 PROCGEN_DEMO = ["--games", "coinrun", "--num-train-levels", "200", *SMALL_PIXELS, "--eval-episodes", "4"]
 # Atari: Boxing (a paper Fig. 9 game; fixed 2-minute rounds, so evaluation time is bounded), raw scores.
 ATARI_DEMO = ["--games", "Boxing", *SMALL_PIXELS, "--eval-episodes", "2"]
 
-# fmt: off
 BENCHMARKS = {
     # name: script, {config label: flags}, the TensorBoard scalar to plot and its label
     "popgym": dict(script="amago2_popgym.py", configs={"ind/ind": [*POPGYM_DEMO, "--total-timesteps", "120000"]},
