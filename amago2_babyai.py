@@ -2,6 +2,8 @@
 import collections
 import contextlib
 import copy
+import datetime
+import hashlib
 import io
 import os
 import random
@@ -13,10 +15,12 @@ from typing import Callable, Literal
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX  # importing minigrid registers BabyAI-*
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -585,6 +589,17 @@ class CriticEnsemble(nn.Module):
         return x.view(C, N, K, G, -1).permute(1, 2, 3, 0, 4)
 
 
+def mean_over_ranks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean over dim 0 of every rank's rows x: (M_rank, D) -> (D,), and the number of rows in all. Statistics updated
+    outside the optimiser (PopArt, input normalisation) use it, so that under torchrun they stay identical on every rank."""
+    if not dist.is_initialized():
+        return x.mean(0), len(x)
+    total = torch.cat([x.sum(0), x.new_tensor([len(x)])])  # (D + 1,): sums and row count, reduced in one call
+    dist.all_reduce(total)
+    n = int(total[-1].item())
+    return total[:-1] / max(n, 1), n
+
+
 class PopArt(nn.Module):
     """One global (task-agnostic) PopArt layer per gamma (paper App. B): the output layer of the scalar critics of
     --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic.
@@ -622,8 +637,9 @@ class PopArt(nn.Module):
         self.updates += 1
         beta_t = self.beta / (1 - (1 - self.beta) ** self.updates)
         old_mu, old_sigma = self.mu.clone(), self.sigma
-        self.mu.lerp_(y.mean(0), beta_t)
-        self.nu.lerp_(y.pow(2).mean(0), beta_t)
+        mean, sq_mean = mean_over_ranks(torch.cat([y, y.pow(2)], -1))[0].chunk(2)  # over every rank's targets
+        self.mu.lerp_(mean, beta_t)
+        self.nu.lerp_(sq_mean, beta_t)
         self.w.mul_(old_sigma / self.sigma)
         self.b.copy_((old_sigma * self.b + old_mu - self.mu) / self.sigma)
 
@@ -671,6 +687,10 @@ class Agent(nn.Module):
     ) -> torch.Tensor:
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
         return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
+
+    def forward(self, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
+        """The training loss, compute_losses below: a forward pass, so that DistributedDataParallel can wrap it."""
+        return compute_losses(self, batch, args)
 
     @torch.no_grad()
     def ema_update(self, tau: float):
@@ -940,8 +960,8 @@ def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
 
 
 def epsilon(args: Args, global_step: int) -> float:
-    """Linear anneal from eps_start to eps_end over eps_anneal_steps steps per env."""
-    frac = min(1.0, global_step / args.num_envs / args.eps_anneal_steps)
+    """Linear anneal from eps_start to eps_end over eps_anneal_steps steps per env (global_step counts every rank's)."""
+    frac = min(1.0, global_step / (args.num_envs * rank_and_world()[1]) / args.eps_anneal_steps)
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
@@ -963,7 +983,10 @@ class Progress:
 
     def __init__(self, args: Args, global_step: int, updates: int):
         self.args, self.updates = args, updates
+        rank, world = rank_and_world()
+        self.epoch_steps = args.num_envs * args.steps_per_epoch * world  # under torchrun, an epoch of every rank
         self.bar = tqdm(
+            disable=rank != 0,
             total=args.total_timesteps,
             initial=global_step,
             unit="step",
@@ -994,7 +1017,7 @@ class Progress:
         if not self.collected or (a.updates_per_epoch and not self.timed_updates):
             return None
         steps_left = max(a.total_timesteps - self.bar.n, 0)
-        epochs_left = -(-steps_left // (a.num_envs * a.steps_per_epoch))  # ceil
+        epochs_left = -(-steps_left // self.epoch_steps)  # ceil
         updates_left = epochs_left * a.updates_per_epoch
         update_rate = self.timed_updates / self.update_seconds if self.timed_updates else float("inf")
         return steps_left * self.collect_seconds / self.collected + updates_left / update_rate
@@ -1047,14 +1070,92 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the job's number of ranks, as torchrun sets them; (0, 1) under plain python."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(args: Args) -> torch.device:
+    """This rank's device; under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but torch sees no GPU; use --device auto or cpu")
+    device = torch.device("cpu")
+    if args.device != "cpu" and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if rank_and_world()[1] > 1:
+        # rank 0 evaluates and checkpoints alone while the others wait in the next update's all-reduce: allow for it
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+    return device
+
+
+def all_gather(obj) -> list:
+    """obj from every rank, in rank order ([obj] under plain python)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def finite_on_every_rank(loss: torch.Tensor) -> bool:
+    """False if any rank's loss is NaN or inf: every rank then stops with one message instead of hanging."""
+    ok = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
+def state_digest(agent: nn.Module) -> dict[str, str]:
+    """sha256 of every parameter's and buffer's bytes: ranks that must hold the same agent are compared exactly."""
+    return {
+        name: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+        for name, t in agent.state_dict().items()
+    }
+
+
+def buffer_folder(args: Args) -> str:
+    """This rank's --buffer-dir ("": in RAM); under torchrun each rank keeps its shard in a folder of its own."""
+    rank, world = rank_and_world()
+    return os.path.join(args.buffer_dir, f"rank{rank}") if args.buffer_dir and world > 1 else args.buffer_dir
+
+
+class Silent:
+    """The TensorBoard writer of ranks other than 0: every call does nothing (rank 0 alone writes the log)."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 def save_checkpoint(
     run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args: Args
 ):
     """A run killed at any moment resumes from its last good checkpoint: the buffer snapshot is written first, then
-    state.pt by atomic rename (the commit point), and only then are older snapshots removed."""
+    state.pt by atomic rename (the commit point), and only then are older snapshots removed. Under torchrun every rank
+    writes its own buffer shard (rank<r>/), rank 0 writes state.pt with every rank's random state, once all shards
+    are in and every rank is seen to hold the same agent."""
+    rank, world = rank_and_world()
     folder = os.path.join(run_dir, "checkpoint")
-    snapshot = f"buffer-{global_step}"
-    buffer.save(os.path.join(folder, snapshot))
+    shard, snapshot = os.path.join(folder, f"rank{rank}"), f"buffer-{global_step}"
+    buffer.save(os.path.join(shard, snapshot))
+    rng_state = {
+        "python": random.getstate(),
+        "numpy": rng.bit_generator.state,
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    ranks = all_gather({"rng": rng_state, "digest": state_digest(agent)})
+    diverged = [name for name, d in ranks[0]["digest"].items() if any(r["digest"][name] != d for r in ranks)]
+    if diverged:
+        fail(f"ranks hold different weights at step {global_step} ({', '.join(diverged[:3])}...): a bug, please report it")
+    if rank == 0:
+        save_state(folder, agent, optimizer, scheduler, global_step, updates, snapshot, args, ranks)
+    if dist.is_initialized():
+        dist.barrier()  # state.pt names the new shards: only now may the older ones go
+    ReplayBuffer.remove_snapshots(shard, keep=snapshot)
+
+
+def save_state(folder: str, agent, optimizer, scheduler, global_step: int, updates: int, snapshot: str, args, ranks):
     state = {
         "agent": agent.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -1062,16 +1163,12 @@ def save_checkpoint(
         "counters": {"global_step": global_step, "updates": updates},
         "buffer": snapshot,
         "args": asdict(args),
-        "rng": {
-            "python": random.getstate(),
-            "numpy": rng.bit_generator.state,
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
+        "world_size": len(ranks),
+        "rng": [r["rng"] for r in ranks],  # per rank
+        "digest": [r["digest"] for r in ranks],  # per rank: sha256 of every tensor of the agent
     }
     torch.save(state, os.path.join(folder, "state.pt.tmp"))
     os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
-    ReplayBuffer.remove_snapshots(folder, keep=snapshot)
 
 
 def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, rng) -> tuple[int, int]:
@@ -1081,18 +1178,21 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     agent.load_state_dict(state["agent"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    buffer.load(os.path.join(folder, state["buffer"]))
-    random.setstate(state["rng"]["python"])
-    rng.bit_generator.state = state["rng"]["numpy"]
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"].get("cuda") and torch.cuda.is_available():  # a GPU run's sampling continues where it stopped
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rank = rank_and_world()[0]
+    buffer.load(os.path.join(folder, f"rank{rank}", state["buffer"]))
+    saved_rng = state["rng"][rank]
+    random.setstate(saved_rng["python"])
+    rng.bit_generator.state = saved_rng["numpy"]
+    torch.set_rng_state(saved_rng["torch"])
+    if saved_rng["cuda"] and torch.cuda.is_available():  # a GPU run's sampling continues where it stopped
+        torch.cuda.set_rng_state_all(saved_rng["cuda"])
     return state["counters"]["global_step"], state["counters"]["updates"]
 
 
 def fail(message: str):
-    """Bad input: a clear message and exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
+    """Bad input: a clear message and exit code 2, no traceback (under torchrun every rank exits, rank 0 says why)."""
+    if rank_and_world()[0] == 0:
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -1148,7 +1248,13 @@ def resolve_args(args: Args) -> Args:
         path = os.path.join(args.resume, "checkpoint", "state.pt")
         if not os.path.exists(path):
             fail(f"--resume {args.resume}: no checkpoint at {path} (was the run started with --save-model?)")
-        saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved, ranks, world = state["args"], state["world_size"], rank_and_world()[1]
+        if ranks != world:
+            how = "plain python" if ranks == 1 else f"torchrun with {ranks} ranks in all (e.g. --nproc-per-node {ranks})"
+            fail(
+                f"--resume {args.resume}: the run was saved by {ranks} rank(s) and this job has {world}; resume it with {how}"
+            )
         total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved["total_timesteps"]
         args = Args(**{**saved, "resume": args.resume, "total_timesteps": total})
     check_ranges(args)
@@ -1163,17 +1269,16 @@ def resolve_args(args: Args) -> Args:
             f"with {args.num_envs} envs: it needs at least {max(args.batch_size, args.num_envs) * window} timesteps; "
             "raise --buffer-size or lower --batch-size / --context-len"
         )
-    if args.buffer_dir and not args.resume and os.path.isdir(args.buffer_dir) and os.listdir(args.buffer_dir):
-        fail(
-            f"--buffer-dir {args.buffer_dir} already holds a replay buffer: resume its run with --resume, or choose an empty folder"
-        )
-    if args.buffer_dir:
+    folder = buffer_folder(args)
+    if folder and not args.resume and os.path.isdir(folder) and os.listdir(folder):
+        fail(f"--buffer-dir {folder} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
+    if folder:
         try:
-            os.makedirs(args.buffer_dir, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            fail(f"--buffer-dir {args.buffer_dir} cannot be created ({e.strerror}): choose a folder you can write to")
-        if not os.access(args.buffer_dir, os.W_OK):
-            fail(f"--buffer-dir {args.buffer_dir} is not writable: choose a folder you can write to")
+            fail(f"--buffer-dir {folder} cannot be created ({e.strerror}): choose a folder you can write to")
+        if not os.access(folder, os.W_OK):
+            fail(f"--buffer-dir {folder} is not writable: choose a folder you can write to")
     check_env_args(args)
     if not args.run_name:
         args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1182,18 +1287,21 @@ def resolve_args(args: Args) -> Args:
 
 if __name__ == "__main__":
     args = resolve_args(tyro.cli(Args))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but torch sees no GPU; use --device auto or cpu")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    # under torchrun every rank runs this script on its own envs and replay shard; rank 0 alone reports and evaluates
+    rank, world = rank_and_world()
+    device = init_distributed(args)
+    say = tqdm.write if rank == 0 else lambda *_, **__: None  # a line of its own, above the progress bar
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(args.seed + rank)
     run_dir = f"runs/{args.run_name}"
 
-    envs = make_vector_env([make_env(args, i, train=True) for i in range(args.num_envs)], args.async_envs)
-    eval_envs = make_vector_env(make_eval_envs(args), args.async_envs)
+    envs = make_vector_env(
+        [make_env(args, rank * args.num_envs + i, train=True) for i in range(args.num_envs)], args.async_envs
+    )
+    eval_envs = make_vector_env(make_eval_envs(args), args.async_envs) if rank == 0 else None
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
@@ -1201,27 +1309,33 @@ if __name__ == "__main__":
         [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
+    if world > 1:
+        torch.manual_seed(args.seed + rank)  # each rank samples its own actions and dropout masks
+    # DDP averages the gradients of every rank in backward (the loss is Agent.forward, so DDP can hook into it)
+    learner = DistributedDataParallel(agent, broadcast_buffers=False) if world > 1 else agent
     try:
-        buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, args.buffer_dir)
+        buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, buffer_folder(args))
     except MemoryError as e:
         fail(str(e))
-    print(buffer.footprint())
+    say(buffer.footprint())
     global_step, updates = 0, 0  # environment steps and gradient updates so far
     if args.resume:
         global_step, updates = load_checkpoint(run_dir, agent, optimizer, scheduler, buffer, rng)
-        print(f"resumed {run_dir} at step {global_step:,} after {updates:,} updates")
-    writer = SummaryWriter(run_dir, purge_step=global_step or None)
+        say(f"resumed {run_dir} at step {global_step:,} after {updates:,} updates")
+    writer = SummaryWriter(run_dir, purge_step=global_step or None) if rank == 0 else Silent()
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     n_params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    print(f"{args.run_name}: {n_params:,} parameters on {device}, actor {args.actor_loss} / critic {args.critic_loss}")
+    say(
+        f"{args.run_name}: {n_params:,} parameters on {device} x {world} rank(s), actor {args.actor_loss} / critic {args.critic_loss}"
+    )
     notice = cpu_notice(args, agent, replay_fields(obs_space, action_space), device)
     if notice:
-        print(notice)
+        say(notice)
 
     rollouts = MetaRollouts(envs, agent, args, device, buffer)
-    eval_rollouts = MetaRollouts(eval_envs, agent, args, device)
+    eval_rollouts = MetaRollouts(eval_envs, agent, args, device) if rank == 0 else None
     # environments cannot be checkpointed: a resumed run starts new meta-rollouts, seeded by the step count
-    rollouts.restart(args.seed + global_step)
+    rollouts.restart(args.seed + global_step + rank * args.num_envs)
     eps_mult = rng.random(args.num_envs)  # each env scales epsilon by a fresh U[0, 1) draw per meta-rollout
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     start_time = time.time()
@@ -1237,7 +1351,7 @@ if __name__ == "__main__":
             actions = rollouts.act(agent)
             actions = explore(actions, epsilon(args, global_step) * eps_mult, action_space, rng)
             finished, done = rollouts.step(actions)
-            global_step += args.num_envs
+            global_step += args.num_envs * world  # --total-timesteps counts the steps of every rank
             for i, task, metrics in finished:
                 for k, v in metrics.items():
                     writer.add_scalar(f"tasks/{task}/{k}", v, global_step)
@@ -1245,7 +1359,7 @@ if __name__ == "__main__":
                 progress.recent.append(metrics["return"])
             if done.any():
                 eps_mult[done] = rng.random(int(done.sum()))
-            progress.collect(args.num_envs, time.time() - step_start)
+            progress.collect(args.num_envs * world, time.time() - step_start)
             if global_step >= args.total_timesteps:
                 break
         writer.add_scalar("charts/epsilon", epsilon(args, global_step), global_step)
@@ -1259,10 +1373,10 @@ if __name__ == "__main__":
             batch = trim_padding(buffer.sample(args.batch_size, args.context_len + 1, rng))  # (B, <= l+1)
             batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             with autocast:
-                loss, metrics = compute_losses(agent, batch, args)
-            if not torch.isfinite(loss):
+                loss, metrics = learner(batch, args)  # compute_losses
+            if not finite_on_every_rank(loss):
                 fail(
-                    f"non-finite loss ({loss.item()}) at update {updates}: "
+                    f"non-finite loss at update {updates} (rank 0: {loss.item()}): "
                     + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
                     + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32."
                 )
@@ -1283,7 +1397,7 @@ if __name__ == "__main__":
 
         # ---- evaluate and checkpoint at epoch boundaries ----
         final = global_step >= args.total_timesteps
-        if crossed(epoch_start, global_step, args.eval_every) or final:
+        if rank == 0 and (crossed(epoch_start, global_step, args.eval_every) or final):
             per_task = evaluate(agent, eval_rollouts, args.eval_episodes, seed=10**6 + global_step)
             for task, metrics in per_task.items():
                 for k, v in metrics.items():
@@ -1291,16 +1405,19 @@ if __name__ == "__main__":
             summary = summarize_eval(per_task)
             for k, v in summary.items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
-            tqdm.write("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))  # a line of its own, above the bar
+            say("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
         if args.save_model and (crossed(epoch_start, global_step, args.checkpoint_every) or final):
             save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, global_step, updates, rng, args)
-            tqdm.write(f"checkpoint: {run_dir}/checkpoint at step {global_step:,}")
+            say(f"checkpoint: {run_dir}/checkpoint at step {global_step:,}")
 
     progress.close()
-    print(
+    say(
         f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
         f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
     )
     envs.close()
-    eval_envs.close()
+    if eval_envs is not None:
+        eval_envs.close()
     writer.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()

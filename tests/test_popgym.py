@@ -305,7 +305,7 @@ def test_checkpoint_survives_a_crash_mid_write(tmp_path):
     A.save_checkpoint(str(tmp_path), agent, opt, sched, buffer, 10, 3, rng, args)
     saved = {k: v.clone() for k, v in agent.state_dict().items()}
     # a later save killed mid-write: a half-written buffer snapshot and state.pt.tmp, no rename yet
-    os.makedirs(tmp_path / "checkpoint" / "buffer-20.tmp")
+    os.makedirs(tmp_path / "checkpoint" / "rank0" / "buffer-20.tmp")
     (tmp_path / "checkpoint" / "state.pt.tmp").write_bytes(b"garbage")
     with torch.no_grad():
         for p in agent.parameters():

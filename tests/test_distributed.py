@@ -1,0 +1,117 @@
+"""Data-parallel training under torchrun (gloo, 2 processes on CPU): every rank holds the same agent after updates,
+each rank keeps its own replay shard, a 2-rank run resumes under 2 ranks, and a different world size is refused."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from cli import run_script
+from test_cli import SCRIPTS, tiny
+
+NPROC = 2
+
+
+def checkpoint(tmp_path, name="r"):
+    return tmp_path / "runs" / name / "checkpoint"
+
+
+def sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def shard(folder, rank: int, step: int) -> tuple[dict, np.ndarray]:
+    """A rank's buffer snapshot: its state.json and its actions (rows, envs, ...)."""
+    path = folder / f"rank{rank}" / f"buffer-{step}"
+    return json.loads((path / "state.json").read_text()), np.load(path / "prev_action.npy")
+
+
+def test_mean_over_ranks_weights_every_row(tmp_path):
+    """PopArt and input statistics average rows, not ranks: rank 0 holds 1 and 2, rank 1 holds 6 -> mean 3, not 4.5."""
+    (tmp_path / "check.py").write_text(
+        "import torch, torch.distributed as dist\n"
+        "import amago2_popgym as A\n"
+        "dist.init_process_group('gloo')\n"
+        "x = torch.tensor([[1.0, 10.0], [2.0, 20.0]]) if dist.get_rank() == 0 else torch.tensor([[6.0, 60.0]])\n"
+        "mean, n = A.mean_over_ranks(x)\n"
+        "print(f'rank {dist.get_rank()}: {mean.tolist()} {n}')\n"
+        "dist.destroy_process_group()\n"
+    )
+    out = run_script(str(tmp_path / "check.py"), [], tmp_path, nproc=NPROC)
+    assert out.returncode == 0, out.stderr
+    assert "rank 0: [3.0, 30.0] 3" in out.stdout and "rank 1: [3.0, 30.0] 3" in out.stdout
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_two_ranks_hold_the_same_agent(name, tmp_path):
+    """After updates on different data, every parameter and buffer (PopArt, input statistics, EMA heads) is bitwise
+    the same on both ranks; steps count both ranks; one event file; each rank's shard holds its own envs' data."""
+    steps = 2 * SCRIPTS[name]["steps"]  # two epochs of both ranks
+    out = run_script(
+        f"amago2_{name}.py", [*tiny(name), "--total-timesteps", str(steps), "--save-model", "--run-name", "r"], tmp_path, NPROC
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"done: {steps:,} steps, 4 updates" in out.stdout and out.stdout.count("done:") == 1  # rank 0 alone reports
+    state = torch.load(checkpoint(tmp_path) / "state.pt", weights_only=False)
+    assert state["world_size"] == NPROC and state["counters"] == {"global_step": steps, "updates": 4}
+    saved = {k: sha256(v) for k, v in state["agent"].items()}  # rank 0's agent, hashed here
+    assert [d == saved for d in state["digest"]] == [True] * NPROC  # every rank's agent, hashed on that rank
+    assert state["agent"]["popart.updates"].item() == 1 + 4  # statistics that moved are among those compared
+    assert not torch.equal(state["agent"]["popart.mu"], torch.zeros_like(state["agent"]["popart.mu"]))
+    events = [f for f in os.listdir(tmp_path / "runs" / "r") if f.startswith("events.out.tfevents")]
+    assert len(events) == 1
+    (meta0, actions0), (meta1, actions1) = shard(checkpoint(tmp_path), 0, steps), shard(checkpoint(tmp_path), 1, steps)
+    assert sum(meta0["size"]) > 0 and sum(meta1["size"]) > 0
+    assert not np.array_equal(actions0, actions1)  # each rank acts in its own envs with its own random draws
+    assert state["rng"][0]["numpy"] != state["rng"][1]["numpy"]
+
+
+def test_resume_under_two_ranks_restores_each_shard(tmp_path):
+    out = run_script(
+        "amago2_popgym.py", [*tiny("popgym"), "--total-timesteps", "320", "--save-model", "--run-name", "r"], tmp_path, NPROC
+    )
+    assert out.returncode == 0, out.stderr
+    before = [shard(checkpoint(tmp_path), r, 320) for r in range(NPROC)]
+    out = run_script("amago2_popgym.py", ["--resume", "runs/r", "--total-timesteps", "640"], tmp_path, NPROC)
+    assert out.returncode == 0, out.stderr
+    assert "resumed runs/r at step 320 after 4 updates" in out.stdout and "done: 640 steps, 8 updates" in out.stdout
+    assert sorted(os.listdir(checkpoint(tmp_path) / "rank0")) == ["buffer-640"]  # the older snapshot went
+    for r, (meta, actions) in enumerate(before):
+        meta_after, actions_after = shard(checkpoint(tmp_path), r, 640)
+        for env, size in enumerate(meta["size"]):  # the rank's old rows are still there, new ones after them
+            assert meta_after["size"][env] > size
+            np.testing.assert_array_equal(actions_after[:size, env], actions[:size, env])
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path):
+    out = run_script(
+        "amago2_popgym.py", [*tiny("popgym"), "--total-timesteps", "320", "--save-model", "--run-name", "r"], tmp_path, NPROC
+    )
+    assert out.returncode == 0, out.stderr
+    out = run_script("amago2_popgym.py", ["--resume", "runs/r", "--total-timesteps", "640"], tmp_path)  # plain python
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        "error: --resume runs/r: the run was saved by 2 rank(s) and this job has 1; "
+        "resume it with torchrun with 2 ranks in all (e.g. --nproc-per-node 2)"
+    )
+
+
+def test_one_rank_checkpoint_refused_under_two_ranks(tmp_path):
+    out = run_script("amago2_popgym.py", [*tiny("popgym"), "--save-model", "--run-name", "r"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    out = run_script("amago2_popgym.py", ["--resume", "runs/r", "--total-timesteps", "640"], tmp_path, NPROC)
+    assert out.returncode != 0
+    assert out.stderr.count("the run was saved by 1 rank(s) and this job has 2; resume it with plain python") == 1
+
+
+def test_epsilon_anneals_over_each_envs_own_steps(monkeypatch):
+    """--eps-anneal-steps counts steps per env; under 2 ranks the job's step count holds twice as many envs."""
+    import amago2_popgym as A
+
+    args = A.Args(num_envs=4, eps_anneal_steps=100)
+    halfway = (args.eps_start + args.eps_end) / 2
+    assert A.epsilon(args, 4 * 50) == pytest.approx(halfway)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert A.epsilon(args, 2 * 4 * 50) == pytest.approx(halfway)
