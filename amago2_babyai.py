@@ -110,8 +110,8 @@ class Args:
     """EMA rate of the target actor and critic heads (paper Table 1)"""
     critic_weight: float = 10.0
     """lambda in actor_loss + lambda * critic_loss (official library)"""
-    reward_multiplier: float = 10.0
-    """reward scale inside the loss only (official library's BabyAI launch)"""
+    reward_multiplier: float = 1000.0
+    """reward scale inside the loss only (official library's BabyAI launch: 1000)"""
     crr_samples: int = 3
     """policy samples in the CRR advantage baseline (official library)"""
     crr_threshold: float = 0.0

@@ -133,8 +133,10 @@ class Args:
     """exploration noise scale after annealing (official library)"""
     eps_anneal_steps: int = 2_000_000
     """steps per env over which epsilon anneals (official library's Meta-World launch: 2M)"""
+    eps_rollout_end: float = 0.8
+    """noise at a meta-rollout's last step at the start of training, annealed to --eps-rollout-floor (official library)"""
     eps_rollout_floor: float = 0.01
-    """floor of the noise at a meta-rollout's last step, which anneals from eps_end to this (official library)"""
+    """noise at a meta-rollout's last step once annealed, after --eps-anneal-steps steps per env (official library)"""
 
     # filled in at runtime
     run_name: str = ""
@@ -266,8 +268,9 @@ def check_env_args(args: Args):
     for name in ["k_episodes", "episode_length"]:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.eps_rollout_floor <= 1:
-        fail(f"--eps-rollout-floor {args.eps_rollout_floor} is out of range: it must be in [0, 1]")
+    for name in ("eps_rollout_end", "eps_rollout_floor"):
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: it must be in [0, 1]")
 
 
 def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -949,10 +952,11 @@ def explore(
 
 
 def rollout_end_epsilon(args: Args, global_step: int) -> float:
-    """The noise at a meta-rollout's last step (official library): eps_end, annealed at epsilon's own rate down to
-    eps_rollout_floor. Early in training a rollout thus explores from 1.0 down to 0.05, later from 0.05 to 0.01."""
-    slope = (args.eps_start - args.eps_end) / args.eps_anneal_steps
-    return max(args.eps_end - slope * global_step / (args.num_envs * rank_and_world()[1]), args.eps_rollout_floor)
+    """The noise at a meta-rollout's last step (official library): a schedule of its own, annealed linearly from
+    eps_rollout_end to eps_rollout_floor over the same eps_anneal_steps. Early in training a rollout explores from 1.0
+    down to 0.8; once annealed, from 0.05 down to 0.01."""
+    frac = min(1.0, global_step / (args.num_envs * rank_and_world()[1]) / args.eps_anneal_steps)
+    return args.eps_rollout_end + frac * (args.eps_rollout_floor - args.eps_rollout_end)
 
 
 # ======================================================================================

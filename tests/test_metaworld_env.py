@@ -364,9 +364,20 @@ def test_explore_noise_decays_within_the_rollout_and_clips():
     np.testing.assert_array_equal(explore(actions, zero, space, rng, zero, zero, args), actions)  # epsilon 0
 
 
-def test_rollout_end_epsilon_anneals_from_eps_end_to_the_floor():
-    """Official library: the last step's noise starts at 0.05 and falls at epsilon's rate (0.95 per anneal) to 0.01."""
+def test_rollout_end_epsilon_anneals_from_its_own_start_to_the_floor():
+    """Official library: the last step's noise starts at 0.8 and falls linearly to 0.01 over the anneal (per env)."""
     args = Args(num_envs=2, eps_anneal_steps=1000)
-    assert rollout_end_epsilon(args, 0) == pytest.approx(0.05)
-    assert rollout_end_epsilon(args, 2 * 20) == pytest.approx(0.05 - 0.95 * 20 / 1000)  # 20 steps per env
+    assert rollout_end_epsilon(args, 0) == pytest.approx(0.8)
+    assert rollout_end_epsilon(args, 2 * 250) == pytest.approx(0.8 - 0.79 / 4)  # 250 steps per env
     assert rollout_end_epsilon(args, 2 * 1000) == pytest.approx(0.01)
+    assert rollout_end_epsilon(args, 2 * 5000) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("flag", ["eps_rollout_end", "eps_rollout_floor"])
+def test_rollout_noise_out_of_range_is_refused(flag, capsys):
+    import amago2_metaworld as M
+
+    with pytest.raises(SystemExit) as exit_info:
+        M.resolve_args(M.Args(**{flag: 1.5}))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: --{flag.replace('_', '-')} 1.5 is out of range: it must be in [0, 1]\n"
