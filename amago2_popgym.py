@@ -1028,7 +1028,12 @@ class Progress:
 
 def cpu_notice(args: Args, agent: Agent, fields: dict, device: torch.device) -> str | None:
     """On CPU with the paper's model width: time one update on a copy of the agent (a zero batch) and say what an epoch
-    of updates will cost, and where the CPU demo is. None on a GPU or with a cut-down model."""
+    of updates will cost, and where the CPU demo is. bf16 on a CPU without AVX-512: say it is slow. None otherwise."""
+    if device.type == "cpu" and args.precision == "bf16" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        return (
+            "note: --precision bf16 on a CPU without AVX-512 emulates bf16 matmuls (measured ~50x slower than fp32 on an "
+            "AVX2 machine, README.md#speed); use --precision fp32 here"
+        )
     if device.type != "cpu" or args.d_model < Args.d_model:
         return None
     shape = (args.batch_size, args.context_len + 1)

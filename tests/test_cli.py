@@ -145,7 +145,7 @@ def test_save_then_resume_continues(name, tmp_path):
     ckpt = tmp_path / "runs" / "r" / "checkpoint"
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert state["counters"] == {"global_step": steps, "updates": 4}
-    saved_ids = np.load(ckpt / state["buffer"] / "rollout_id.npy")
+    saved_ids = np.load(ckpt / "rank0" / state["buffer"] / "rollout_id.npy")  # one process: rank 0's shard
     out = run(name, ["--resume", "runs/r", "--total-timesteps", str(2 * steps)], tmp_path)  # no other flag
     assert out.returncode == 0, out.stderr
     assert f"resumed runs/r at step {steps} after 4 updates" in out.stdout
@@ -153,10 +153,11 @@ def test_save_then_resume_continues(name, tmp_path):
     state2 = torch.load(ckpt / "state.pt", weights_only=False)
     assert state2["counters"] == {"global_step": 2 * steps, "updates": 8}
     assert state2["args"]["d_model"] == 32 and state2["args"]["total_timesteps"] == 2 * steps  # the saved flags
-    ids = np.load(ckpt / state2["buffer"] / "rollout_id.npy")
+    ids = np.load(ckpt / "rank0" / state2["buffer"] / "rollout_id.npy")
     kept = saved_ids >= 0  # the resumed run kept the old data and appended after it with fresh rollout ids
     assert (ids[kept] == saved_ids[kept]).sum() > 0 and ids.max() > saved_ids.max()
-    assert sorted(os.listdir(ckpt)) == [state2["buffer"], "state.pt"]  # older snapshots removed
+    assert sorted(os.listdir(ckpt)) == ["rank0", "state.pt"]
+    assert os.listdir(ckpt / "rank0") == [state2["buffer"]]  # older snapshots removed
 
 
 COMMON_BAD = [

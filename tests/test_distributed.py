@@ -44,7 +44,9 @@ def test_mean_over_ranks_weights_every_row(tmp_path):
     assert "rank 0: [3.0, 30.0] 3" in out.stdout and "rank 1: [3.0, 30.0] 3" in out.stdout
 
 
-@pytest.mark.parametrize("name", list(SCRIPTS))
+# one state-based script (input statistics), one pixel script and BabyAI's multi-modal encoder; the torchrun code is
+# shared core, and every encoder's parameters all get gradients (test_<benchmark>_env.py), as DDP requires
+@pytest.mark.parametrize("name", ["popgym", "procgen", "babyai"])
 def test_two_ranks_hold_the_same_agent(name, tmp_path):
     """After updates on different data, every parameter and buffer (PopArt, input statistics, EMA heads) is bitwise
     the same on both ranks; steps count both ranks; one event file; each rank's shard holds its own envs' data."""
@@ -68,12 +70,16 @@ def test_two_ranks_hold_the_same_agent(name, tmp_path):
     assert state["rng"][0]["numpy"] != state["rng"][1]["numpy"]
 
 
-def test_resume_under_two_ranks_restores_each_shard(tmp_path):
-    out = run_script(
-        "amago2_popgym.py", [*tiny("popgym"), "--total-timesteps", "320", "--save-model", "--run-name", "r"], tmp_path, NPROC
-    )
+def test_resume_under_two_ranks_restores_each_shard_and_refuses_another_world_size(tmp_path):
+    flags = [*tiny("popgym"), "--total-timesteps", "320", "--save-model", "--run-name", "r"]
+    out = run_script("amago2_popgym.py", flags, tmp_path, NPROC)
     assert out.returncode == 0, out.stderr
     before = [shard(checkpoint(tmp_path), r, 320) for r in range(NPROC)]
+    out = run_script("amago2_popgym.py", ["--resume", "runs/r", "--total-timesteps", "640"], tmp_path)  # plain python
+    assert out.returncode == 2 and out.stderr == (
+        "error: --resume runs/r: the run was saved by 2 rank(s) and this job has 1; "
+        "resume it with torchrun with 2 ranks in all (e.g. --nproc-per-node 2)\n"
+    )
     out = run_script("amago2_popgym.py", ["--resume", "runs/r", "--total-timesteps", "640"], tmp_path, NPROC)
     assert out.returncode == 0, out.stderr
     assert "resumed runs/r at step 320 after 4 updates" in out.stdout and "done: 640 steps, 8 updates" in out.stdout
@@ -83,27 +89,6 @@ def test_resume_under_two_ranks_restores_each_shard(tmp_path):
         for env, size in enumerate(meta["size"]):  # the rank's old rows are still there, new ones after them
             assert meta_after["size"][env] > size
             np.testing.assert_array_equal(actions_after[:size, env], actions[:size, env])
-
-
-def test_resume_with_another_world_size_is_refused(tmp_path):
-    out = run_script(
-        "amago2_popgym.py", [*tiny("popgym"), "--total-timesteps", "320", "--save-model", "--run-name", "r"], tmp_path, NPROC
-    )
-    assert out.returncode == 0, out.stderr
-    out = run_script("amago2_popgym.py", ["--resume", "runs/r", "--total-timesteps", "640"], tmp_path)  # plain python
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == (
-        "error: --resume runs/r: the run was saved by 2 rank(s) and this job has 1; "
-        "resume it with torchrun with 2 ranks in all (e.g. --nproc-per-node 2)"
-    )
-
-
-def test_one_rank_checkpoint_refused_under_two_ranks(tmp_path):
-    out = run_script("amago2_popgym.py", [*tiny("popgym"), "--save-model", "--run-name", "r"], tmp_path)
-    assert out.returncode == 0, out.stderr
-    out = run_script("amago2_popgym.py", ["--resume", "runs/r", "--total-timesteps", "640"], tmp_path, NPROC)
-    assert out.returncode != 0
-    assert out.stderr.count("the run was saved by 1 rank(s) and this job has 2; resume it with plain python") == 1
 
 
 def test_epsilon_anneals_over_each_envs_own_steps(monkeypatch):

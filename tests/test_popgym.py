@@ -538,3 +538,12 @@ def test_q_against_monte_carlo_only_where_the_rollout_ends_in_the_window():
     mc = [sum(args.rollout_gamma**j * r[t + j].item() for j in range(8 - t)) for t in range(8)]
     assert metrics["losses/mc_return"].item() == pytest.approx(np.mean(mc), rel=1e-4)
     assert metrics["losses/q_minus_mc"].item() == pytest.approx(5.0 - np.mean(mc), rel=1e-4, abs=1e-3)
+
+
+def test_cpu_notice_says_bf16_is_slow_without_avx512(monkeypatch):
+    agent, args = make_agent()
+    args.precision = "bf16"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert "bf16 matmuls" in A.cpu_notice(args, agent, {}, torch.device("cpu"))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert A.cpu_notice(args, agent, {}, torch.device("cpu")) is None  # a cut-down model on a CPU with bf16 units
