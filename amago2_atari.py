@@ -53,6 +53,8 @@ class Args:
     """a run folder to continue from its last checkpoint, with its saved flags (--total-timesteps may be raised)"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
+    compile: bool = False
+    """torch.compile the critic ensembles, ~99% of an update's FLOPs (off: no faster on CPU, README.md#speed)"""
     kv_cache: bool = True
     """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
     buffer_dir: str | None = None
@@ -1298,6 +1300,9 @@ if __name__ == "__main__":
         [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
+    if args.compile:  # the first updates pay the compile time (dynamic: batches are trimmed to varying lengths)
+        agent.critics.compile(dynamic=True)
+        agent.target_critics.compile(dynamic=True)
     if world > 1:
         torch.manual_seed(args.seed + rank)  # each rank samples its own actions and dropout masks
     # DDP averages the gradients of every rank in backward (the loss is Agent.forward, so DDP can hook into it)

@@ -28,20 +28,25 @@ def shard(folder, rank: int, step: int) -> tuple[dict, np.ndarray]:
     return json.loads((path / "state.json").read_text()), np.load(path / "prev_action.npy")
 
 
-def test_mean_over_ranks_weights_every_row(tmp_path):
-    """PopArt and input statistics average rows, not ranks: rank 0 holds 1 and 2, rank 1 holds 6 -> mean 3, not 4.5."""
+def test_collectives_on_two_ranks(tmp_path):
+    """The helpers DDP training relies on, on 2 gloo ranks: PopArt and input statistics average rows, not ranks (rank 0
+    holds 1 and 2, rank 1 holds 6: mean 3, not 4.5); a NaN loss on one rank is seen by both, so both stop."""
     (tmp_path / "check.py").write_text(
         "import torch, torch.distributed as dist\n"
         "import amago2_popgym as A\n"
         "dist.init_process_group('gloo')\n"
-        "x = torch.tensor([[1.0, 10.0], [2.0, 20.0]]) if dist.get_rank() == 0 else torch.tensor([[6.0, 60.0]])\n"
+        "r = dist.get_rank()\n"
+        "x = torch.tensor([[1.0, 10.0], [2.0, 20.0]]) if r == 0 else torch.tensor([[6.0, 60.0]])\n"
         "mean, n = A.mean_over_ranks(x)\n"
-        "print(f'rank {dist.get_rank()}: {mean.tolist()} {n}')\n"
+        "nan_on_1 = A.finite_on_every_rank(torch.tensor(float('nan') if r == 1 else 1.0))\n"
+        "finite = A.finite_on_every_rank(torch.tensor(1.0))\n"
+        "print(f'rank {r}: {mean.tolist()} {n} {nan_on_1} {finite} {A.all_gather(r * 10)}')\n"
         "dist.destroy_process_group()\n"
     )
     out = run_script(str(tmp_path / "check.py"), [], tmp_path, nproc=NPROC)
     assert out.returncode == 0, out.stderr
-    assert "rank 0: [3.0, 30.0] 3" in out.stdout and "rank 1: [3.0, 30.0] 3" in out.stdout
+    for r in range(NPROC):
+        assert f"rank {r}: [3.0, 30.0] 3 False True [0, 10]" in out.stdout
 
 
 # one state-based script (input statistics), one pixel script and BabyAI's multi-modal encoder; the torchrun code is

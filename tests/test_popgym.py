@@ -547,3 +547,21 @@ def test_cpu_notice_says_bf16_is_slow_without_avx512(monkeypatch):
     assert "bf16 matmuls" in A.cpu_notice(args, agent, {}, torch.device("cpu"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert A.cpu_notice(args, agent, {}, torch.device("cpu")) is None  # a cut-down model on a CPU with bf16 units
+
+
+def test_compiled_critics_match_eager():
+    """--compile: the torch.compile'd critic ensemble gives the eager outputs and gradients (to float tolerance)."""
+    agent, args = make_agent()
+    compiled = copy.deepcopy(agent)
+    compiled.critics.compile(dynamic=True)
+    torch.manual_seed(0)
+    h = torch.randn(7, args.d_model)
+    actions = torch.randint(0, agent.action_dim, (7, 3, len(args.gammas)))
+    for length in (7, 5):  # two batch sizes: trimmed batches vary in length
+        feats = A.action_features(actions[:length], agent.action_dim)
+        eager, out = agent.critics(h[:length], feats), compiled.critics(h[:length], feats)
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    eager.sum().backward()
+    out.sum().backward()
+    for (name, p), q in zip(agent.critics.named_parameters(), compiled.critics.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
