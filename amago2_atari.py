@@ -5,6 +5,7 @@ import datetime
 import hashlib
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -1270,6 +1271,13 @@ def resolve_args(args: Args) -> Args:
             fail(f"--buffer-dir {folder} cannot be created ({e.strerror}): choose a folder you can write to")
         if not os.access(folder, os.W_OK):
             fail(f"--buffer-dir {folder} is not writable: choose a folder you can write to")
+    if (
+        args.compile
+        and args.device != "cuda"
+        and not torch.cuda.is_available()
+        and not shutil.which(os.environ.get("CXX", "g++"))
+    ):
+        fail("--compile on a CPU needs a C++ compiler for torch.compile (g++, or set CXX): install one or drop --compile")
     check_env_args(args)
     if not args.run_name:
         args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"

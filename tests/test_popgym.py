@@ -2,6 +2,7 @@
 
 import copy
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -549,6 +550,7 @@ def test_cpu_notice_says_bf16_is_slow_without_avx512(monkeypatch):
     assert A.cpu_notice(args, agent, {}, torch.device("cpu")) is None  # a cut-down model on a CPU with bf16 units
 
 
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_critics_match_eager():
     """--compile: the torch.compile'd critic ensemble gives the eager outputs and gradients (to float tolerance)."""
     agent, args = make_agent()
@@ -565,3 +567,10 @@ def test_compiled_critics_match_eager():
     out.sum().backward()
     for (name, p), q in zip(agent.critics.named_parameters(), compiled.critics.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_compile_without_a_compiler_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(A.shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit) as exit_info:
+        A.resolve_args(A.Args(compile=True, device="cpu"))
+    assert exit_info.value.code == 2 and "--compile on a CPU needs a C++ compiler" in capsys.readouterr().err
