@@ -1034,7 +1034,7 @@ def cpu_notice(args: Args, agent: Agent, fields: dict, device: torch.device) -> 
     of updates will cost, and where the CPU demo is. bf16 on a CPU without AVX-512: say it is slow. None otherwise."""
     if device.type == "cpu" and args.precision == "bf16" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
         return (
-            "note: --precision bf16 on a CPU without AVX-512 emulates bf16 matmuls (measured ~50x slower than fp32 on an "
+            "note: --precision bf16 on a CPU without AVX-512 emulates bf16 matmuls (measured 23-30x slower than fp32 on an "
             "AVX2 machine, README.md#speed); use --precision fp32 here"
         )
     if device.type != "cpu" or args.d_model < Args.d_model:
@@ -1270,12 +1270,8 @@ def resolve_args(args: Args) -> Args:
             fail(f"--buffer-dir {folder} cannot be created ({e.strerror}): choose a folder you can write to")
         if not os.access(folder, os.W_OK):
             fail(f"--buffer-dir {folder} is not writable: choose a folder you can write to")
-    if (
-        args.compile
-        and args.device != "cuda"
-        and not torch.cuda.is_available()
-        and not shutil.which(os.environ.get("CXX", "g++"))
-    ):
+    on_cpu = args.device == "cpu" or not torch.cuda.is_available()
+    if args.compile and on_cpu and not shutil.which(os.environ.get("CXX", "g++")):
         fail("--compile on a CPU needs a C++ compiler for torch.compile (g++, or set CXX): install one or drop --compile")
     check_env_args(args)
     if not args.run_name:

@@ -569,8 +569,10 @@ def test_compiled_critics_match_eager():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_compile_without_a_compiler_is_refused(monkeypatch, capsys):
+@pytest.mark.parametrize("cuda_present", [False, True])  # --device cpu compiles for the CPU even beside a GPU
+def test_compile_without_a_compiler_is_refused(cuda_present, monkeypatch, capsys):
     monkeypatch.setattr(A.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_present)
     with pytest.raises(SystemExit) as exit_info:
         A.resolve_args(A.Args(compile=True, device="cpu"))
     assert exit_info.value.code == 2 and "--compile on a CPU needs a C++ compiler" in capsys.readouterr().err
