@@ -48,6 +48,22 @@ def test_twohot_edge_bins():
     assert torch.allclose(label.sum(-1), torch.ones(4))
 
 
+def test_uncertain_return_is_valued_in_symlog_space():
+    """The cross-entropy of Eq. 3 is minimised by the mixture of the labels it sees, and the scalar value is the
+    expectation in symlog space (the official library's too): a 30% chance of 900 is worth symexp(0.3 symlog 900)
+    = 6.7, not 270. Bootstrapping from such a value through another uncertain step shrinks it again (README, BabyAI)."""
+    bins = bin_supports(64).double()
+    win, lose = (
+        twohot(symlog(torch.tensor(900.0, dtype=torch.float64)), bins),
+        twohot(torch.zeros((), dtype=torch.float64), bins),
+    )
+    q = bins_to_scalar(0.3 * win + 0.7 * lose, bins)
+    assert torch.isclose(q, symexp(0.3 * symlog(torch.tensor(900.0, dtype=torch.float64))))
+    assert 6.5 < q < 6.9  # vs the mean return 270
+    again = bins_to_scalar(0.3 * twohot(symlog(q), bins) + 0.7 * lose, bins)  # one more 30% step back
+    assert 0.8 < again < 0.9
+
+
 # ---- replay buffer ----
 FIELDS = {"obs": ((3,), np.uint8), "reward": ((), np.float32)}
 
