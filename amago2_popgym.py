@@ -991,11 +991,9 @@ class Progress:
         self._show()
 
     def update(self, seconds: float):
-        self.update_seconds, self.timed_updates, self.updates = (
-            self.update_seconds + seconds,
-            self.timed_updates + 1,
-            self.updates + 1,
-        )
+        self.update_seconds += seconds
+        self.timed_updates += 1
+        self.updates += 1
         self._show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
@@ -1190,26 +1188,10 @@ def fail(message: str):
 
 def check_ranges(args: Args):
     """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
-    counts = [
-        "total_timesteps",
-        "num_envs",
-        "steps_per_epoch",
-        "buffer_size",
-        "batch_size",
-        "context_len",
-        "d_token",
-        "d_model",
-        "d_ff",
-        "n_layers",
-        "n_heads",
-        "num_critics",
-        "head_hidden",
-        "crr_samples",
-        "warmup_updates",
-        "eps_anneal_steps",
-        "eval_episodes",
-        "checkpoint_every",
-    ]
+    counts = (
+        "total_timesteps num_envs steps_per_epoch buffer_size batch_size context_len d_token d_model d_ff n_layers n_heads "
+        "num_critics head_hidden crr_samples warmup_updates eps_anneal_steps eval_episodes checkpoint_every"
+    ).split()
     ranges = {name: (getattr(args, name) >= 1, "an integer >= 1") for name in counts}
     ranges |= {
         "updates_per_epoch": (args.updates_per_epoch >= 0, "an integer >= 0"),
