@@ -822,8 +822,8 @@ def monte_carlo_returns(reward: torch.Tensor, valid: torch.Tensor, gammas: torch
 def critic_vs_returns(q: torch.Tensor, batch: dict, valid: torch.Tensor, gammas: torch.Tensor, args: Args) -> dict:
     """Diagnostic: the critics' mean Q of the acting gamma against the discounted return that actually followed, over
     the windows that reach their rollout's end. That return is the behaviour policy's, exploration included: a scalar
-    (dep) critic's Q should come near it. The two-hot critic's Q is symexp of an expectation in symlog space, far below
-    the mean return wherever the outcome is uncertain (a 30% chance of 900 is worth 6.7). q: (N, G, C); valid: (N,)."""
+    (dep) critic's Q approaches it as values propagate. The two-hot critic's Q is symexp of an expectation in symlog
+    space, far below the mean return wherever the outcome is uncertain (30% of 900 is worth 6.7). q: (N, G, C)."""
     B, l = batch["reward"][:, 1:].shape
     valid = valid.view(B, l)
     ends = valid & (batch["terminal"][:, 1:].bool() & valid).any(1, keepdim=True)  # (B, l): returns fully observed
