@@ -2,6 +2,7 @@
 
 python tests/tools/bench_speed.py [--config comparison|paper|both] [--updates N] [--precision fp32 bf16]
 python tests/tools/bench_speed.py --config comparison --against e9ff3aa --rounds 3   # same-run ratio to a commit
+python tests/tools/bench_speed.py --config paper --precision fp32 --profile          # + the top operators of an update
 
 Reports, for each config: (a) env steps/s of the collection loop with the policy in it (sync and async
 envs) and of policy inference alone at context positions 10 and 500, with the KV cache and with full
@@ -117,8 +118,9 @@ def inference_sps(cfg, kv: bool, position: int, steps: int) -> float:
     return steps * E / (time.perf_counter() - start)
 
 
-def updates(cfg, precision: str, n: int):
-    """Updates/s and the FLOPs of one update (forward + backward), on a buffer of real rollouts."""
+def updates(cfg, precision: str, n: int, profile: bool = False):
+    """Updates/s and the FLOPs of one update (forward + backward), on a buffer of real rollouts. profile: then print
+    torch.profiler's top operators of one more update, by self time."""
     args = build(cfg, precision=precision)
     envs = A.make_vector_env([A.make_env(args, i, True) for i in range(args.num_envs)], False)
     agent = A.Agent(envs.single_observation_space, envs.single_action_space.n, args)
@@ -154,6 +156,10 @@ def updates(cfg, precision: str, n: int):
     for _ in range(n):
         one_update()
     seconds = (time.perf_counter() - start) / n
+    if profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            one_update()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     return 1 / seconds, flops
 
 
@@ -192,6 +198,7 @@ if __name__ == "__main__":
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--against", help="a git commit to time in the same run, alternating with this tree")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per tree with --against")
+    parser.add_argument("--profile", action="store_true", help="print the profiler's top operators of one update")
     opts = parser.parse_args()
     if opts.against:
         flags = ["--config", opts.config, "--updates", str(opts.updates), "--collect-steps", str(opts.collect_steps)]
@@ -215,7 +222,8 @@ if __name__ == "__main__":
                     f"(a) inference only at context position {pos}, {'KV cache' if kv else 'full recompute'}: {sps:,.0f} env steps/s"
                 )
         for precision in opts.precision:
-            ups, flops = updates(cfg, precision, opts.updates if name == "comparison" else max(1, opts.updates // 3))
+            n = opts.updates if name == "comparison" else max(1, opts.updates // 3)
+            ups, flops = updates(cfg, precision, n, opts.profile)
             print(f"(b) {precision}: {ups:.3f} updates/s, {flops / 1e9:.1f} GFLOP per update")
             print(
                 f"(c) {precision}: achieved {ups * flops / 1e9:.1f} GFLOP/s = {ups * flops / peaks[precision]:.0%} of the {precision} matmul peak"
