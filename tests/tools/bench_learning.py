@@ -80,7 +80,10 @@ BENCHMARKS = {
                    extra=["eval/train_success_1_mean", "eval/test_success_1_mean", "eval/test_success_2_mean"]),
     "metaworld": dict(
         script="amago2_metaworld.py",
-        configs={"ind/ind": METAWORLD_DEMO, "ind/dep": [*METAWORLD_DEMO, "--critic-loss", "dep", "--total-timesteps", "200000"]},
+        configs={
+            "ind/ind": METAWORLD_DEMO,
+            "ind/dep": [*METAWORLD_DEMO, "--critic-loss", "dep", "--total-timesteps", "200000"],
+        },
         metric="eval/train/return",
         label="3-attempt return (ML1 reach-v3, training goals)",
         extra=["eval/train/success", "eval/train/success_1", "eval/train/success_3", "eval/test/success", "eval/test/return"],

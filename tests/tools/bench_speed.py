@@ -200,6 +200,8 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per tree with --against")
     parser.add_argument("--profile", action="store_true", help="print the profiler's top operators of one update")
     opts = parser.parse_args()
+    if opts.against and opts.profile:
+        parser.error("--profile times one tree: run it without --against")
     if opts.against:
         flags = ["--config", opts.config, "--updates", str(opts.updates), "--collect-steps", str(opts.collect_steps)]
         against(opts.against, opts.rounds, [*flags, "--precision", *opts.precision])
