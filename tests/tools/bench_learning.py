@@ -31,15 +31,16 @@ sys.path.insert(0, ROOT)
 # tasks have 2-4 actions: with MineSweeperEasy (16 actions) or MultiarmedBanditEasy (10) in the set, the mean
 # normalised score stayed at 0.00-0.09 for 75k steps (see the README).
 DEMO_TASKS = ["RepeatFirstEasy", "HigherLowerEasy", "PositionOnlyCartPoleEasy", "VelocityOnlyCartpoleEasy"]
-SMALL_MODEL = ["--context-len", "64", "--batch-size", "16", "--d-model", "64", "--d-ff", "256", "--n-layers", "2",
-               "--n-heads", "4", "--d-token", "64", "--head-hidden", "64", "--learning-rate", "3e-4"]
-POPGYM_DEMO = ["--tasks", *DEMO_TASKS, "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16",
-               *SMALL_MODEL, "--buffer-size", "400000", "--eps-anneal-steps", "4000", "--eval-every", "25000",
-               "--eval-episodes", "10"]
+SMALL_MODEL = ["--d-model", "64", "--d-ff", "256", "--n-layers", "2", "--n-heads", "4", "--d-token", "64",
+               "--head-hidden", "64"]  # each demo adds its own context, batch and learning rate: every flag appears once
+POPGYM_SMALL = ["--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", "--context-len", "64",
+                "--batch-size", "16", *SMALL_MODEL, "--learning-rate", "3e-4", "--buffer-size", "400000",
+                "--eps-anneal-steps", "4000", "--eval-episodes", "10"]
+POPGYM_DEMO = ["--tasks", *DEMO_TASKS, *POPGYM_SMALL, "--eval-every", "25000"]
 
 # Paper Fig. 6 / 9 in miniature: two tasks in the single-episode protocol (so both learn within a short budget), with
 # their default rewards and with one rescaled x100 and the other x0.01, for Ind/Ind and Dep/Dep.
-REWARD_SCALE_DEMO = [*POPGYM_DEMO, "--tasks", "RepeatFirstEasy", "HigherLowerEasy", "--no-one-shot", "--eval-every",
+REWARD_SCALE_DEMO = ["--tasks", "RepeatFirstEasy", "HigherLowerEasy", *POPGYM_SMALL, "--no-one-shot", "--eval-every",
                      "10000", "--total-timesteps", "50000"]
 
 # The BabyAI demo: four single-room training tasks, two attempts on the same layout, evaluated on unseen layout
@@ -54,13 +55,13 @@ BABYAI_DEMO = ["--tasks", "GoToRedBallNoDists", "GoToRedBall", "GoToObjS6", "One
 # k = 3 attempts, shortened to 100-step episodes so that a 300-step meta-rollout fits one context; one meta-rollout
 # per env per epoch.
 METAWORLD_DEMO = ["--benchmark", "ML1", "--ml1-task", "reach-v3", "--episode-length", "100", "--num-envs", "8",
-                  "--steps-per-epoch", "300", "--updates-per-epoch", "48", *SMALL_MODEL, "--context-len", "300",
-                  "--batch-size", "8", "--buffer-size", "400000", "--eps-anneal-steps", "3000", "--eval-every", "25000",
-                  "--eval-episodes", "6", "--total-timesteps", "100000"]
+                  "--steps-per-epoch", "300", "--updates-per-epoch", "48", "--context-len", "300", "--batch-size", "8",
+                  *SMALL_MODEL, "--learning-rate", "3e-4", "--buffer-size", "400000", "--eps-anneal-steps", "3000",
+                  "--eval-every", "25000", "--eval-episodes", "6"]
 
 # The pixel demos: the paper's IMPALA encoder with fewer channels, short contexts, one game each.
-SMALL_PIXELS = [*SMALL_MODEL, "--impala-channels", "8", "16", "16", "--context-len", "32", "--batch-size", "8",
-                "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", "--buffer-size", "200000",
+SMALL_PIXELS = ["--context-len", "32", "--batch-size", "8", *SMALL_MODEL, "--learning-rate", "3e-4", "--impala-channels", "8",
+                "16", "16", "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", "--buffer-size", "200000",
                 "--eps-anneal-steps", "3000", "--eval-every", "10000", "--total-timesteps", "40000"]
 # Procgen: coinrun (a paper Fig. 6 game) in its two-attempt protocol, 200 training levels, evaluated on unseen levels.
 PROCGEN_DEMO = ["--games", "coinrun", "--num-train-levels", "200", *SMALL_PIXELS, "--eval-episodes", "4"]
@@ -81,8 +82,8 @@ BENCHMARKS = {
     "metaworld": dict(
         script="amago2_metaworld.py",
         configs={
-            "ind/ind": METAWORLD_DEMO,
-            "ind/dep": [*METAWORLD_DEMO, "--critic-loss", "dep", "--total-timesteps", "200000"],
+            "ind/ind": [*METAWORLD_DEMO, "--total-timesteps", "100000"],
+            "ind/dep": [*METAWORLD_DEMO, "--total-timesteps", "200000", "--critic-loss", "dep"],
         },
         metric="eval/train/return",
         label="3-attempt return (ML1 reach-v3, training goals)",
