@@ -5,7 +5,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # pytest -n 2: each worker gets one core; torch's default pool (one thread per core) in both workers would
+    # pytest -n auto: one worker per core; torch's default pool (one thread per core) in every worker would
     # spin against each other (README#speed: 5-15x slower small-batch inference on busy cores)
     import torch
 

@@ -50,6 +50,7 @@ BABYAI_DEMO = ["--tasks", "GoToRedBallNoDists", "GoToRedBall", "GoToObjS6", "One
                "--context-len", "128", "--batch-size", "8", "--buffer-size", "400000", "--eps-anneal-steps", "4000",
                "--eval-every", "20000", "--eval-episodes", "10",
                "--learning-rate", "1e-4"]  # the paper's BabyAI rate: at 3e-4 one seed of two collapsed after 60k steps
+BABYAI_100K = [*BABYAI_DEMO, "--total-timesteps", "100000"]
 
 # The Meta-World demo: ML1 reach-v3 (the goal is hidden, 50 training goals, held-out goals for test) with the paper's
 # k = 3 attempts, shortened to 100-step episodes so that a 300-step meta-rollout fits one context; one meta-rollout
@@ -75,8 +76,7 @@ BENCHMARKS = {
     # ind/dep (CRR actor, PopArt-MSE critic) isolates the two-hot critic: its symlog-space expectation values an
     # uncertain sparse success far below its mean (README, BabyAI), a scalar critic learns the mean
     "babyai": dict(script="amago2_babyai.py",
-                   configs={"ind/ind": [*BABYAI_DEMO, "--total-timesteps", "100000"],
-                            "ind/dep": [*BABYAI_DEMO, "--total-timesteps", "100000", "--critic-loss", "dep"],
+                   configs={"ind/ind": BABYAI_100K, "ind/dep": [*BABYAI_100K, "--critic-loss", "dep"],
                             # the paper's update with twice the budget (45 min for 2 seeds sharing 2 cores): slow or stuck?
                             "ind/ind 200k": [*BABYAI_DEMO, "--total-timesteps", "200000"]},
                    metric="eval/train_success_2_mean",
