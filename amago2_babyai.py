@@ -117,8 +117,8 @@ class Args:
     """reward scale inside the loss only (official library's BabyAI launch: 1000)"""
     crr_samples: int = 3
     """policy samples in the CRR advantage baseline (official library)"""
-    crr_threshold: float = 0.0
-    """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
+    crr_threshold: float = -1e-4
+    """CRR keeps buffer actions with advantage above this (Eq. 4 reads 0; official library: many paper runs used -1e-4)"""
     popart_beta: float = 5e-4
     """rate of the global PopArt statistics (dep critic output, dep actor Q scale) (official library)"""
     learning_rate: float = 1e-4
@@ -133,8 +133,8 @@ class Args:
     """epsilon-greedy start value (official library)"""
     eps_end: float = 0.05
     """epsilon-greedy end value (official library)"""
-    eps_anneal_steps: int = 500_000
-    """steps per env over which epsilon anneals (our choice for short attempts; official library default 1M)"""
+    eps_anneal_steps: int = 1_000_000
+    """steps per env over which epsilon anneals (official library default; its BabyAI launch keeps it)"""
     eval_tasks_per_split: int | None = None
     """evaluate on at most this many training and held-out tasks each, spread over the lists (None: all)"""
 
@@ -744,16 +744,17 @@ def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.T
 
 
 def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
-    """Eq. 2, discrete: -sum_a pi(a|h) min_c Q_c(h, a), the exact expectation over actions, with Q standardised by
-    the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
+    """Eq. 2, discrete: -min_c sum_a pi(a|h) Q_c(h, a), each critic's exact expectation over actions, then the
+    pessimistic min over the ensemble (official library: the min is taken after the expectation), with Q standardised
+    by the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
 
     CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor
     (and, through the actor head, the Transformer) and never the critics.
     """
     with torch.no_grad():
         q = agent.q_values(agent.critics, h.detach(), every_action(agent, len(h), h.device), standardized=True)  # (N, A, G, C)
-        q = q.min(-1).values.transpose(1, 2)  # (N, G, A): pessimistic over the ensemble
-    return -(dist.probs * q).sum(-1)
+    expected = (dist.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1); sum: (N, G, C)
+    return -expected.min(-1).values
 
 
 def crr_filter(agent: Agent, h: torch.Tensor, dist, q_buffer: torch.Tensor, args: Args) -> torch.Tensor:
@@ -801,11 +802,15 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
 
     actor_loss, critic_loss = masked_mean(actor), masked_mean(critic)
     metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss, "losses/td_target_mean": masked_mean(y)}
+    g = agent.rollout_gamma  # the acting head's diagnostics on their own: low gammas see little reward, sharpen first
     if args.actor_loss == "ind":
         metrics["losses/crr_kept_fraction"] = masked_mean(keep)
+        metrics["losses/crr_kept_fraction_acting"] = masked_mean(keep[:, g])
     with torch.no_grad():  # diagnostics
         metrics["losses/q_mean"] = masked_mean(q_buffer)
-        metrics["losses/policy_entropy"] = masked_mean(-dist.log_prob(dist.sample()))
+        surprise = -dist.log_prob(dist.sample())  # (N, G): a one-sample estimate of each gamma's policy entropy
+        metrics["losses/policy_entropy"] = masked_mean(surprise)
+        metrics["losses/policy_entropy_acting"] = masked_mean(surprise[:, g])
         metrics |= critic_vs_returns(q_buffer, batch, valid, agent.gammas, args)
     return actor_loss + args.critic_weight * critic_loss, metrics
 

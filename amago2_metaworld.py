@@ -118,8 +118,8 @@ class Args:
     """reward scale inside the loss only (official library, Meta-World)"""
     crr_samples: int = 3
     """policy samples in the CRR advantage baseline (official library)"""
-    crr_threshold: float = 0.0
-    """CRR keeps buffer actions whose advantage is above this (paper Eq. 4: 0)"""
+    crr_threshold: float = -1e-4
+    """CRR keeps buffer actions with advantage above this (Eq. 4 reads 0; official library: many paper runs used -1e-4)"""
     popart_beta: float = 5e-4
     """rate of the global PopArt statistics (dep critic output, dep actor Q scale) (official library)"""
     learning_rate: float = 5e-4
@@ -770,11 +770,15 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
 
     actor_loss, critic_loss = masked_mean(actor), masked_mean(critic)
     metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss, "losses/td_target_mean": masked_mean(y)}
+    g = agent.rollout_gamma  # the acting head's diagnostics on their own: low gammas see little reward, sharpen first
     if args.actor_loss == "ind":
         metrics["losses/crr_kept_fraction"] = masked_mean(keep)
+        metrics["losses/crr_kept_fraction_acting"] = masked_mean(keep[:, g])
     with torch.no_grad():  # diagnostics
         metrics["losses/q_mean"] = masked_mean(q_buffer)
-        metrics["losses/policy_entropy"] = masked_mean(-dist.log_prob(dist.sample()))
+        surprise = -dist.log_prob(dist.sample())  # (N, G): a one-sample estimate of each gamma's policy entropy
+        metrics["losses/policy_entropy"] = masked_mean(surprise)
+        metrics["losses/policy_entropy_acting"] = masked_mean(surprise[:, g])
         metrics |= critic_vs_returns(q_buffer, batch, valid, agent.gammas, args)
     return actor_loss + args.critic_weight * critic_loss, metrics
 

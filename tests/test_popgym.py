@@ -270,8 +270,24 @@ def test_diagnostics_entropy_of_a_uniform_policy_and_q_of_constant_critics():
         agent.critics.b3.fill_(0.5)  # every critic outputs 0.5 (normalised); PopArt starts at mu 0, sigma 10
     _, metrics = A.compute_losses(agent, random_batch(agent, args), args)
     assert metrics["losses/policy_entropy"].item() == pytest.approx(np.log(agent.action_dim), abs=1e-5)
+    assert metrics["losses/policy_entropy_acting"].item() == pytest.approx(np.log(agent.action_dim), abs=1e-5)
     # Q = sigma * (w x + b) + mu = 10 * 0.5 + 0, and the update inside compute_losses preserves that output
     assert metrics["losses/q_mean"].item() == pytest.approx(5.0, abs=1e-4)
+
+
+def test_acting_entropy_is_the_rollout_gammas_own():
+    """Only the rollout gamma's head is uniform (log A nats); the other heads are near-deterministic (the clamp's floor)."""
+    agent, args = make_agent()
+    G, A_ = len(args.gammas), agent.action_dim
+    with torch.no_grad():
+        agent.actor.mlp[-1].weight.zero_()
+        logits = torch.zeros(G, A_)
+        logits[:, 0] = 50.0
+        logits[agent.rollout_gamma] = 0.0
+        agent.actor.mlp[-1].bias.copy_(logits.flatten())
+    _, metrics = A.compute_losses(agent, random_batch(agent, args), args)
+    assert metrics["losses/policy_entropy_acting"].item() == pytest.approx(np.log(A_), abs=1e-5)
+    assert metrics["losses/policy_entropy"].item() < 0.5 * np.log(A_)
 
 
 def test_td_target_bootstraps_across_everything_but_termination():
@@ -343,7 +359,7 @@ def test_chunked_no_grad_critic_equals_one_pass():
 
 # ---- faithfulness fixes (issue 9): each test has a known answer ----
 def test_dpg_with_twohot_critic_is_standardised_by_popart():
-    """Eq. 2 for the ind critic: -sum_a pi(a|h) min_c (Q_c(h, a) - mu) / sigma, with the global PopArt statistics."""
+    """Eq. 2 for the ind critic: -min_c sum_a pi(a|h) (Q_c(h, a) - mu) / sigma, with the global PopArt statistics."""
     agent, args = make_agent(actor_loss="dep", critic_loss="ind")
     agent.popart.mu.fill_(300.0)
     agent.popart.nu.fill_(300.0**2 + 50.0**2)  # sigma = 50
@@ -355,9 +371,37 @@ def test_dpg_with_twohot_critic_is_standardised_by_popart():
         per_action = []
         for a in range(agent.action_dim):
             q = agent.q_values(agent.critics, h, torch.full((5, 1, 1), a))[:, 0]  # (N, G, C), raw symexp values
-            per_action.append(((q - 300.0) / 50.0).min(-1).values)
-        expected = -(dist.probs * torch.stack(per_action, -1)).sum(-1)
+            per_action.append((q - 300.0) / 50.0)
+        expected = -(dist.probs[..., None] * torch.stack(per_action, -2)).sum(-2).min(-1).values  # (N, G, A, C)
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dpg_takes_the_ensemble_min_after_the_expectation(monkeypatch):
+    """Two critics, two equally likely actions: Q_1 = (1, 0), Q_2 = (0, 1). The official library's min of the
+    expectations is min(0.5, 0.5) = 0.5; the expectation of the per-action min would be 0."""
+    agent, args = make_agent(actor_loss="dep", critic_loss="dep", num_critics=2)
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (A, C) for actions 0 and 1
+    monkeypatch.setattr(
+        agent,
+        "q_values",
+        lambda critics, h, actions, standardized=False: q.expand(len(h), len(args.gammas), 2, 2).transpose(1, 2),
+    )
+    dist = torch.distributions.Categorical(probs=torch.tensor([0.5, 0.5]).expand(3, len(args.gammas), 2))
+    torch.testing.assert_close(
+        A.dpg_actor_loss(agent, torch.zeros(3, args.d_model), dist), torch.full((3, len(args.gammas)), -0.5)
+    )
+
+
+@pytest.mark.parametrize("threshold,kept", [(-1e-4, 1.0), (0.0, 0.0)])
+def test_crr_threshold_decides_ties(threshold, kept):
+    """Critics that value every action alike give A = 0 exactly: the paper-era -1e-4 keeps every buffer action, Eq. 4's
+    strict A > 0 keeps none (the case of a two-hot critic that has not yet seen reward)."""
+    agent, args = make_agent(crr_threshold=threshold)
+    with torch.no_grad():
+        agent.critics.w3.zero_()  # every critic outputs the same logits for every input
+    _, metrics = A.compute_losses(agent, random_batch(agent, args), args)
+    assert metrics["losses/crr_kept_fraction"].item() == kept
+    assert metrics["losses/crr_kept_fraction_acting"].item() == kept
 
 
 @pytest.mark.parametrize("critic_loss", ["ind", "dep"])
@@ -497,7 +541,7 @@ def test_trimmed_padding_gives_the_same_losses():
     loss_t, metrics_t = A.compute_losses(copy.deepcopy(agent), {k: torch.as_tensor(v) for k, v in trimmed.items()}, args)
     torch.testing.assert_close(loss_t, loss, rtol=1e-5, atol=1e-6)
     for k in metrics:
-        if k != "losses/policy_entropy":  # a sampled estimate: its draws depend on the batch length
+        if not k.startswith("losses/policy_entropy"):  # sampled estimates: their draws depend on the batch length
             torch.testing.assert_close(metrics_t[k], metrics[k], rtol=1e-5, atol=1e-6)
 
 
