@@ -61,13 +61,19 @@ METAWORLD_DEMO = ["--benchmark", "ML1", "--ml1-task", "reach-v3", "--episode-len
                   "--eval-every", "25000", "--eval-episodes", "6"]
 
 # The pixel demos: the paper's IMPALA encoder with fewer channels, short contexts, one game each.
-SMALL_PIXELS = ["--context-len", "32", "--batch-size", "8", *SMALL_MODEL, "--learning-rate", "3e-4", "--impala-channels", "8",
-                "16", "16", "--num-envs", "8", "--steps-per-epoch", "64", "--updates-per-epoch", "16", "--buffer-size", "200000",
-                "--eps-anneal-steps", "3000", "--eval-every", "10000", "--total-timesteps", "40000"]
+PIXEL_BASE = ["--context-len", "32", "--batch-size", "8", *SMALL_MODEL, "--learning-rate", "3e-4", "--impala-channels", "8",
+              "16", "16", "--num-envs", "8", "--steps-per-epoch", "64", "--buffer-size", "200000",
+              "--eps-anneal-steps", "3000"]
+SMALL_PIXELS = [*PIXEL_BASE, "--updates-per-epoch", "16", "--eval-every", "10000", "--total-timesteps", "40000"]
 # Procgen: coinrun (a paper Fig. 6 game) in its two-attempt protocol, 200 training levels, evaluated on unseen levels.
 PROCGEN_DEMO = ["--games", "coinrun", "--num-train-levels", "200", *SMALL_PIXELS, "--eval-episodes", "4"]
 # Atari: Boxing (a paper Fig. 9 game; fixed 2-minute rounds, so evaluation time is bounded), raw scores.
 ATARI_DEMO = ["--games", "Boxing", *SMALL_PIXELS, "--eval-episodes", "2"]
+# Games with early dense reward under a random policy (tests/tools/pixel_candidates.py: starpilot and Breakout reward
+# ~2% and ~1% of steps, coinrun almost none), twice the updates per env step, 60k steps.
+DENSE_PIXELS = [*PIXEL_BASE, "--updates-per-epoch", "32", "--eval-every", "15000", "--total-timesteps", "60000"]
+STARPILOT_DEMO = ["--games", "starpilot", "--num-train-levels", "200", *DENSE_PIXELS, "--eval-episodes", "4"]
+BREAKOUT_DEMO = ["--games", "Breakout", *DENSE_PIXELS, "--eval-episodes", "4"]
 
 BENCHMARKS = {
     # name: script, {config label: flags}, the TensorBoard scalar to plot and its label
@@ -100,6 +106,11 @@ BENCHMARKS = {
                     metric="eval/norm_2_mean",
                     label="normalised score, attempt 2 (coinrun, unseen levels)",
                     extra=["eval/norm_1_mean", "eval/return_2_mean"]),
+    "procgen-starpilot": dict(script="amago2_procgen.py", configs={"ind/ind": STARPILOT_DEMO},
+                              metric="eval/norm_2_mean", label="normalised score, attempt 2 (starpilot, unseen levels)",
+                              extra=["eval/norm_1_mean", "eval/return_2_mean"]),
+    "atari-breakout": dict(script="amago2_atari.py", configs={"ind/ind": BREAKOUT_DEMO},
+                           metric="eval/return_mean", label="Breakout score (raw)", extra=["eval/hns_mean"]),
     "atari": dict(script="amago2_atari.py",
                   configs={"ind/ind": ATARI_DEMO, "ind/ind thr0": [*ATARI_DEMO, "--crr-threshold", "0"],
                            "ind/dep": [*ATARI_DEMO, "--critic-loss", "dep"]},
