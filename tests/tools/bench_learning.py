@@ -195,6 +195,20 @@ def random_reference(script: str, flags: list, episodes: int = 50, seed: int = 0
     return module.summarize_eval(means) | {f"{task}/return": m["return"] for task, m in means.items() if "return" in m}
 
 
+# The acting head's diagnostics (the rollout gamma's own entropy and CRR kept fraction; Q against the Monte Carlo return)
+DIAGNOSTICS = ["losses/policy_entropy_acting", "losses/crr_kept_fraction_acting", "losses/q_mean", "losses/mc_return"]
+
+
+def diagnostics_by_fifth(name: str) -> dict[str, list[float]]:
+    """Each diagnostic's mean over each fifth of a run's logged updates (tags a run did not log are left out)."""
+    acc, out = scalars(name), {}
+    for tag in DIAGNOSTICS:
+        if tag in acc.Tags()["scalars"]:
+            values = np.array([e.value for e in acc.Scalars(tag)])
+            out[tag] = [float(part.mean()) for part in np.array_split(values, 5) if len(part)]
+    return out
+
+
 def plot(benchmark: str, spec: dict, curves: dict, random_level: float):
     import matplotlib
 
@@ -272,6 +286,11 @@ def main():
             )
     if extra:
         print("random policy: " + ", ".join(f"{tag} {reference[tag.removeprefix('eval/')]:.3f}" for tag in extra))
+    print("\ndiagnostics, mean over each fifth of the run's updates:\n")
+    for config, runs in curves.items():
+        for seed in sorted(runs):
+            for tag, fifths in diagnostics_by_fifth(run_name(opts.benchmark, config, seed)).items():
+                print(f"{config} seed {seed} {tag}: " + " -> ".join(f"{v:.3g}" for v in fifths))
     # per-task returns (POPGym, whose eval/<task>/return is the score that normalises): other benchmarks' summaries
     # already split by task family or attempt
     tasks = sorted(k.split("/")[0] for k in reference if k.endswith("/return")) if spec["script"] == "amago2_popgym.py" else []
