@@ -2,7 +2,6 @@
 import collections
 import copy
 import datetime
-import hashlib
 import os
 import random
 import shutil
@@ -29,10 +28,10 @@ from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 warnings.filterwarnings("ignore", module="gym")  # popgym imports the legacy gym package, which warns on import
 import popgym  # noqa: E402
 
-# The 27 tasks of the paper (App. B: observation and action spaces of dimension < 30), each with the mean return of
-# a uniformly random policy over 200 episodes (tests/tools/measure_popgym_random.py). The normalised
-# score maps these to 0 and POPGym's maximum episode return, 1.0, to 1 (POPGym bounds returns in
-# [-1, 1]); the paper's 1 is the best single-task result of Morad et al., published only as a figure.
+# The 27 tasks of the paper (App. B: observation and action spaces of dimension < 30), each with the mean return of a
+# uniformly random policy over 200 episodes (tests/tools/measure_popgym_random.py). The normalised score maps these to 0
+# and POPGym's maximum episode return, 1.0, to 1 (POPGym bounds returns in [-1, 1]); the paper's 1 is the best
+# single-task result of Morad et al., published only as a figure.
 # fmt: off
 RANDOM_RETURNS = {
     "AutoencodeEasy": -0.515, "AutoencodeMedium": -0.5, "AutoencodeHard": -0.498,
@@ -68,9 +67,7 @@ class Args:
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
     compile: bool = False
-    """torch.compile the critic ensembles, ~99% of an update's FLOPs (off: no faster on CPU, README.md#speed)"""
-    kv_cache: bool = True
-    """rollout inference with a per-env key/value cache; --no-kv-cache recomputes the whole context every step"""
+    """torch.compile the critic ensembles, where an update spends most of its FLOPs (docs/speed.md)"""
     buffer_dir: str | None = None
     """keep the replay buffer memory-mapped in this folder instead of RAM"""
     async_envs: bool = False
@@ -167,33 +164,7 @@ class Args:
 OBS_PAD = 26  # every task's flattened observation fits in 26 features (paper App. B)
 
 
-def popgym_class(name: str):
-    """popgym.envs.ALL maps classes to registered ids such as 'popgym-VelocityOnlyCartpoleEasy-v0'."""
-    for cls, spec in popgym.envs.ALL.items():
-        if spec["id"].split("-")[1] == name:
-            return cls
-    raise ValueError(f"unknown POPGym task {name!r}")
-
-
-def flat_size(space: gym.Space) -> int:
-    """Size of a space after one-hot encoding its discrete parts."""
-    if isinstance(space, gym.spaces.Discrete):
-        return int(space.n)
-    if isinstance(space, gym.spaces.MultiDiscrete):
-        return int(space.nvec.sum())
-    if isinstance(space, gym.spaces.Tuple):
-        return sum(flat_size(s) for s in space.spaces)
-    return int(np.prod(space.shape))
-
-
-def flatten(space: gym.Space, x) -> np.ndarray:
-    if isinstance(space, gym.spaces.Discrete):
-        return np.eye(space.n, dtype=np.float32)[int(x)]
-    if isinstance(space, gym.spaces.MultiDiscrete):
-        return np.concatenate([np.eye(n, dtype=np.float32)[int(v)] for n, v in zip(space.nvec, x)])
-    if isinstance(space, gym.spaces.Tuple):
-        return np.concatenate([flatten(s, v) for s, v in zip(space.spaces, x)])
-    return np.asarray(x, dtype=np.float32).ravel()
+POPGYM_CLASSES = {spec["id"].split("-")[1]: cls for cls, spec in popgym.envs.ALL.items()}  # ids: "popgym-<task>-v0"
 
 
 def num_actions(space: gym.Space) -> int:
@@ -204,25 +175,22 @@ def num_actions(space: gym.Space) -> int:
 class POPGymMetaEnv(gym.Env):
     """One meta-rollout: a task drawn uniformly, then (one-shot) an exploration episode and a scored episode.
 
-    Observations are zero-padded to 26 features plus one feature saying whether the previous action
-    was valid; actions are padded to the largest action count of the chosen tasks, and an invalid
-    index executes a uniformly random valid action (paper App. B). The exploration episode's reward
-    is shown to the policy (info["policy_reward"]) but the reward returned for learning is 0; the
-    task then restarts in a new random variant (a plain reset re-draws cards, goals and noise).
-    """
+    Observations are zero-padded to 26 features plus one feature saying whether the previous action was valid; actions
+    are padded to the largest action count of the chosen tasks, and an invalid index executes a uniformly random valid
+    action (paper App. B). The exploration episode's reward is shown to the policy (info["policy_reward"]) but the
+    reward returned for learning is 0; the task then restarts in a new random variant (a reset re-draws cards, goals
+    and noise)."""
 
-    def __init__(
-        self, tasks: list[str], one_shot: bool = True, task: str | None = None, reward_scales: dict[str, float] | None = None
-    ):
+    def __init__(self, tasks: list[str], one_shot: bool = True, task: str | None = None, reward_scales: dict | None = None):
         self.tasks, self.one_shot, self.pinned = tasks, one_shot, task
         self.reward_scales = dict(reward_scales or {})  # rescaled-reward experiment (paper Fig. 6, here on POPGym)
-        self.envs = {name: popgym_class(name)() for name in tasks}
+        self.envs = {name: POPGYM_CLASSES[name]() for name in tasks}
         self.observation_space = gym.spaces.Dict({"obs": gym.spaces.Box(-np.inf, np.inf, (OBS_PAD + 1,), np.float32)})
         self.action_space = gym.spaces.Discrete(max(num_actions(e.action_space) for e in self.envs.values()))
 
     def _obs(self, raw, valid: bool) -> dict:
         x = np.zeros(OBS_PAD + 1, dtype=np.float32)
-        flat = flatten(self.env.observation_space, raw)
+        flat = gym.spaces.flatten(self.env.observation_space, raw)  # discrete parts one-hot
         x[: len(flat)], x[-1] = flat, float(valid)
         return {"obs": x}
 
@@ -259,8 +227,7 @@ class POPGymMetaEnv(gym.Env):
             # CRUCIAL: the scored episode's end is the end of the protocol, a terminal even where POPGym signals it
             # by its time limit (truncated): nothing follows it to bootstrap from (official library: done)
             terminated, truncated = True, False
-            info["task"] = self.task
-            info["metrics"] = {"return": self.returns[-1]}
+            info["task"], info["metrics"] = self.task, {"return": self.returns[-1]}
             if self.one_shot:
                 info["metrics"]["explore_return"] = self.returns[0]
         return self._obs(raw, valid), learn_reward, terminated, truncated, info
@@ -325,9 +292,8 @@ class InputNorm(nn.Module):
     def __init__(self, dim: int, momentum: float = 1e-4):
         super().__init__()
         self.momentum = momentum
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("sq_mean", torch.zeros(dim))
-        self.register_buffer("count", torch.zeros(()))
+        for name, shape in [("mean", dim), ("sq_mean", dim), ("count", ())]:
+            self.register_buffer(name, torch.zeros(shape))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
@@ -335,9 +301,8 @@ class InputNorm(nn.Module):
                 valid = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
                 stats, n = mean_over_ranks(torch.cat([valid, valid.pow(2)], -1))  # E[x], E[x^2] over every rank
                 if n:
-                    mean, sq_mean = stats.chunk(2)
-                    self.mean.lerp_(mean, self.momentum)
-                    self.sq_mean.lerp_(sq_mean, self.momentum)
+                    for buffer, new in zip((self.mean, self.sq_mean), stats.chunk(2)):
+                        buffer.lerp_(new, self.momentum)
                     self.count += 1
         if self.count == 0:
             return x
@@ -349,33 +314,20 @@ class InputNorm(nn.Module):
 
 
 class TimestepEncoder(nn.Module):
-    """State-based timestep encoder (paper App. B): [obs, prev action one-hot, prev reward, reset] -> norm -> MLP -> LayerNorm."""
+    """State-based timestep encoder (paper App. B): [obs, one-hot prev action, prev reward, reset] -> norm, MLP, LayerNorm."""
 
-    def __init__(self, obs_space: gym.spaces.Dict, action_dim: int, d_out: int):
+    def __init__(self, obs_space: gym.spaces.Dict, action_dim: int, args: Args):
         super().__init__()
-        self.action_dim = action_dim
+        self.action_dim, d_out = action_dim, args.d_token
         d_in = obs_space["obs"].shape[0] + action_dim + 2
         self.norm = InputNorm(d_in)
-        self.mlp = nn.Sequential(
-            nn.Linear(d_in, 512),
-            nn.LeakyReLU(),
-            nn.Linear(512, 512),
-            nn.LeakyReLU(),
-            nn.Linear(512, d_out),
-            nn.LayerNorm(d_out),
-        )
+        hidden = [nn.Linear(d_in, 512), nn.LeakyReLU(), nn.Linear(512, 512), nn.LeakyReLU()]
+        self.mlp = nn.Sequential(*hidden, nn.Linear(512, d_out), nn.LayerNorm(d_out))
 
     def forward(self, obs, prev_action, prev_reward, reset, mask=None):
         # obs["obs"]: (B, L, 27), prev_action: (B, L) long, prev_reward / reset: (B, L)
-        x = torch.cat(
-            [obs["obs"], action_features(prev_action, self.action_dim), prev_reward[..., None], reset[..., None]], -1
-        )
-        return self.mlp(self.norm(x.float(), mask))
-
-
-def make_encoder(obs_space: gym.spaces.Dict, action_dim: int, args: Args) -> nn.Module:
-    """The timestep encoder with this benchmark's sizes (called by the shared Agent)."""
-    return TimestepEncoder(obs_space, action_dim, args.d_token)
+        rl2 = [action_features(prev_action, self.action_dim), prev_reward[..., None], reset[..., None]]
+        return self.mlp(self.norm(torch.cat([obs["obs"], *rl2], -1).float(), mask))
 
 
 # ---- the causal Transformer (shared core: the same text in every amago2_*.py, tests/test_shared_core.py) ----
@@ -399,13 +351,6 @@ class SigmaReparamLinear(nn.Module):
         # ((g / sigma) W) x == (g / sigma) (W x): scaling the output avoids materialising a new weight
         out = F.linear(x, self.weight) * (self.gain / sigma)
         return out if self.bias is None else out + self.bias
-
-
-def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Fixed sin/cos embedding of the absolute time index t (counted from the meta-rollout start). (...) -> (..., dim)."""
-    freqs = torch.exp(-np.log(10000.0) * torch.arange(0, dim, 2, device=t.device) / dim)
-    angles = t[..., None].float() * freqs
-    return torch.cat([angles.sin(), angles.cos()], -1)
 
 
 class TransformerLayer(nn.Module):
@@ -437,9 +382,9 @@ class TransformerLayer(nn.Module):
 
 
 class KVCache:
-    """Per-env key/value cache for rollouts: each env has its own length, emptied when its env starts a new
-    meta-rollout. Past `context_len` tokens it becomes a sliding window (a ring: attention ignores order,
-    and positions were added to the tokens before the keys were computed, so they stay absolute)."""
+    """Per-env key/value cache for rollouts: each env has its own length, emptied when its env starts a new meta-rollout.
+    Past `context_len` tokens it becomes a sliding window (a ring: attention ignores order, and positions were added to
+    the tokens before the keys were computed, so they stay absolute)."""
 
     def __init__(self, model: "Transformer", num_envs: int, context_len: int, device):
         d_head = model.d_model // model.n_heads
@@ -461,13 +406,6 @@ class KVCache:
         valid = torch.arange(self.context_len, device=k.device)[None, :] < filled[:, None]  # (E, l)
         return self.k[layer], self.v[layer], valid[:, None, None, :]
 
-    def advance(self):
-        self.length += 1
-
-    def __call__(self, transformer: "Transformer", tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One new token per env: (E, 1, d_token) -> h (E, d_model)."""
-        return transformer(tokens, t, self)[:, 0]
-
 
 class Transformer(nn.Module):
     """Input Linear + sinusoidal absolute positions + embedding dropout, layers, final LayerNorm."""
@@ -482,11 +420,13 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, t: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         # tokens: (B, L, d_token), t: (B, L) absolute time index -> (B, L, d_model); with a cache, L == 1
-        x = self.emb_dropout(self.inp(tokens) + sinusoidal_embedding(t, self.d_model))
+        freqs = torch.exp(-np.log(10000.0) * torch.arange(0, self.d_model, 2, device=t.device) / self.d_model)
+        angles = t[..., None].float() * freqs  # fixed sin/cos embedding of t, counted from the meta-rollout start
+        x = self.emb_dropout(self.inp(tokens) + torch.cat([angles.sin(), angles.cos()], -1))
         for layer in self.layers:
             x = layer(x, cache)
         if cache is not None:
-            cache.advance()
+            cache.length += 1  # every env's new token is in the cache now
         return self.norm(x)
 
 
@@ -500,18 +440,13 @@ def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
 
 
 class Actor(nn.Module):
-    """MLP (256, 256) -> G categorical distributions, one per gamma; probabilities clamped to [1e-3, 0.99] (exploration floor)."""
+    """MLP (256, 256) -> one categorical distribution per gamma, probabilities clamped to [1e-3, 0.99] (exploration floor)."""
 
     def __init__(self, d_model: int, action_dim: int, num_gammas: int, hidden: int):
         super().__init__()
         self.action_dim, self.num_gammas = action_dim, num_gammas
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, hidden),
-            nn.LeakyReLU(),
-            nn.Linear(hidden, hidden),
-            nn.LeakyReLU(),
-            nn.Linear(hidden, num_gammas * action_dim),
-        )
+        layers = [nn.Linear(d_model, hidden), nn.LeakyReLU(), nn.Linear(hidden, hidden), nn.LeakyReLU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden, num_gammas * action_dim))
 
     def forward(self, h: torch.Tensor) -> torch.distributions.Categorical:
         logits = self.mlp(h).float().unflatten(-1, (self.num_gammas, self.action_dim))  # (..., G, A)
@@ -526,12 +461,9 @@ def every_action(agent, n: int, device) -> torch.Tensor:
 
 # ---- critics, PopArt and the agent (shared core) ----
 class CriticEnsemble(nn.Module):
-    """C critic MLPs (256, 256) on [h, gamma feature, action], evaluated as one batched computation.
-
-    The first layer is split by input part: the state part h @ W_h is computed once and shared by
-    every gamma and action evaluated at that state, which is where most of an update's time would
-    otherwise go. The maths is that of concatenating the inputs.
-    """
+    """C critic MLPs (256, 256) on [h, gamma feature, action], evaluated as one batched computation. The first layer is
+    split by input part (the maths of concatenating the inputs): the state part h @ W_h is computed once and shared by
+    every gamma and action evaluated at that state, which is where most of an update's time would otherwise go."""
 
     def __init__(self, d_model: int, action_dim: int, gammas: torch.Tensor, hidden: int, out: int, num_critics: int):
         super().__init__()
@@ -540,16 +472,9 @@ class CriticEnsemble(nn.Module):
             return nn.Parameter(torch.empty(num_critics, *shape).uniform_(-(fan_in**-0.5), fan_in**-0.5))
 
         fan1 = d_model + 1 + action_dim
-        self.w_state, self.w_gamma, self.w_action = (
-            param(d_model, hidden, fan_in=fan1),
-            param(1, hidden, fan_in=fan1),
-            param(action_dim, hidden, fan_in=fan1),
-        )
-        self.b1, self.w2, self.b2 = (
-            param(1, hidden, fan_in=fan1),
-            param(hidden, hidden, fan_in=hidden),
-            param(1, hidden, fan_in=hidden),
-        )
+        self.w_state, self.w_gamma = param(d_model, hidden, fan_in=fan1), param(1, hidden, fan_in=fan1)
+        self.w_action, self.b1 = param(action_dim, hidden, fan_in=fan1), param(1, hidden, fan_in=fan1)
+        self.w2, self.b2 = param(hidden, hidden, fan_in=hidden), param(1, hidden, fan_in=hidden)
         self.w3, self.b3 = param(hidden, out, fan_in=hidden), param(1, out, fan_in=hidden)
         self.register_buffer("gamma_feature", symlog(1.0 / (1.0 - gammas))[:, None])  # (G, 1): symlog(1 / (1 - gamma))
 
@@ -559,7 +484,7 @@ class CriticEnsemble(nn.Module):
         G, C = len(self.gamma_feature), self.w_state.shape[0]
         chunk = max(1, chunk_rows // (K * G))  # states per chunk
         if not torch.is_grad_enabled() and N > chunk:
-            # no autograd graph to keep: evaluate cache-sized chunks (measured 1.6x faster in bf16, tests/tools/bench_speed.py)
+            # no autograd graph to keep: evaluate cache-sized chunks (docs/speed.md)
             return torch.cat([self(h[i : i + chunk], action_feats[i : i + chunk]) for i in range(0, N, chunk)])
         state = torch.einsum("nd,cdh->cnh", h, self.w_state)  # (C, N, H): once per state
         # a plain matmul keeps (C, N, K, Ga, H) contiguous (einsum's permuted output would cost a full copy below)
@@ -575,24 +500,12 @@ class CriticEnsemble(nn.Module):
         return x.view(C, N, K, G, -1).permute(1, 2, 3, 0, 4)
 
 
-def mean_over_ranks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean over dim 0 of every rank's rows x: (M_rank, D) -> (D,), and the number of rows in all. Statistics updated
-    outside the optimiser (PopArt, input normalisation) use it, so that under torchrun they stay identical on every rank."""
-    if not dist.is_initialized():
-        return x.mean(0), len(x)
-    total = torch.cat([x.sum(0), x.new_tensor([len(x)])])  # (D + 1,): sums and row count, reduced in one call
-    dist.all_reduce(total)
-    n = int(total[-1].item())
-    return total[:-1] / max(n, 1), n
-
-
 class PopArt(nn.Module):
     """One global (task-agnostic) PopArt layer per gamma (paper App. B): the output layer of the scalar critics of
     --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic.
 
-    Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed
-    w, b are rescaled so the denormalised output sigma * (w x + b) + mu is unchanged.
-    """
+    Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed w, b are rescaled so
+    the denormalised output sigma * (w x + b) + mu is unchanged."""
 
     def __init__(self, num_gammas: int, beta: float):
         super().__init__()
@@ -639,16 +552,15 @@ class Agent(nn.Module):
         self.register_buffer("gammas", torch.tensor(args.gammas))
         self.rollout_gamma = args.gammas.index(args.rollout_gamma)
         self.register_buffer("bins", bin_supports(args.num_bins))
-        self.encoder = make_encoder(obs_space, action_dim, args)
+        self.encoder = TimestepEncoder(obs_space, action_dim, args)
         self.transformer = Transformer(args.d_token, args.d_model, args.n_layers, args.n_heads, args.d_ff, args.dropout)
         self.actor = Actor(args.d_model, action_dim, len(args.gammas), args.head_hidden)
         out = args.num_bins if args.critic_loss == "ind" else 1
         self.critics = CriticEnsemble(args.d_model, action_dim, self.gammas, args.head_hidden, out, args.num_critics)
         self.popart = PopArt(len(args.gammas), args.popart_beta)
         # CRUCIAL: no target encoder or Transformer; only the heads have EMA copies
-        self.target_actor, self.target_critics = copy.deepcopy(self.actor), copy.deepcopy(self.critics)
-        for p in [*self.target_actor.parameters(), *self.target_critics.parameters()]:
-            p.requires_grad_(False)
+        self.target_actor = copy.deepcopy(self.actor).requires_grad_(False)
+        self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
 
     def states(self, batch: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
         """h for every timestep of a batch of windows: (B, L) -> (B, L, d_model)."""
@@ -668,9 +580,7 @@ class Agent(nn.Module):
             q = self.popart.normalized(x) if standardized else self.popart.denormalized(x)
         return q.transpose(-1, -2)
 
-    def q_values(
-        self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False
-    ) -> torch.Tensor:
+    def q_values(self, critics: CriticEnsemble, h: torch.Tensor, actions: torch.Tensor, standardized: bool = False):
         """h: (N, d), actions: (N, K, G or 1) -> scalar Q (N, K, G, C)."""
         return self.scalar_q(critics(h, action_features(actions, self.action_dim)), standardized)
 
@@ -692,13 +602,12 @@ def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Ten
     """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad.
 
     As in the official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
-    sum_a pi'(a|h') Q_c(h', a); for the ind actor (its multi-task agent) the value of one sampled a' ~ pi'.
-    """
-    dist = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
+    sum_a pi'(a|h') Q_c(h', a); for the ind actor (its multi-task agent) the value of one sampled a' ~ pi'."""
+    pi = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
     if actor_loss == "dep":
         q = agent.q_values(agent.target_critics, h_next, every_action(agent, len(h_next), h_next.device))  # (N, A, G, C)
-        return (dist.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1)
-    return agent.q_values(agent.target_critics, h_next, dist.sample()[:, None])[:, 0]
+        return (pi.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1)
+    return agent.q_values(agent.target_critics, h_next, pi.sample()[:, None])[:, 0]
 
 
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
@@ -726,25 +635,24 @@ def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.T
     return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
 
 
-def dpg_actor_loss(agent, h: torch.Tensor, dist) -> torch.Tensor:
+def dpg_actor_loss(agent, h: torch.Tensor, pi) -> torch.Tensor:
     """Eq. 2, discrete: -min_c sum_a pi(a|h) Q_c(h, a), each critic's exact expectation over actions, then the
     pessimistic min over the ensemble (official library: the min is taken after the expectation), with Q standardised
     by the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
 
-    CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor
-    (and, through the actor head, the Transformer) and never the critics.
-    """
+    CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor (and, through the
+    actor head, the Transformer) and never the critics."""
     with torch.no_grad():
         q = agent.q_values(agent.critics, h.detach(), every_action(agent, len(h), h.device), standardized=True)  # (N, A, G, C)
-    expected = (dist.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1); sum: (N, G, C)
+    expected = (pi.probs.transpose(1, 2)[..., None] * q).sum(1)  # probs (N, G, A) -> (N, A, G, 1); sum: (N, G, C)
     return -expected.min(-1).values
 
 
-def crr_filter(agent: Agent, h: torch.Tensor, dist, q_buffer: torch.Tensor, args: Args) -> torch.Tensor:
+def crr_filter(agent: Agent, h: torch.Tensor, pi, q_buffer: torch.Tensor, args: Args) -> torch.Tensor:
     """Eq. 4's binary weight 1{A > threshold}, A = mean_c Q_c(h, a_buffer) - mean over policy samples of mean_c Q_c(h, a_k).
     Online critics, no grad. h: (N, d), q_buffer: (N, G, C) -> (N, G)."""
     with torch.no_grad():
-        samples = dist.sample((args.crr_samples,)).transpose(0, 1)  # (N, K, G)
+        samples = pi.sample((args.crr_samples,)).transpose(0, 1)  # (N, K, G)
         baseline = agent.q_values(agent.critics, h.detach(), samples).mean(-1).mean(1)  # (N, G)
         return (q_buffer.mean(-1) - baseline > args.crr_threshold).float()
 
@@ -766,19 +674,16 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
     # global PopArt statistics follow the TD targets on every update, whatever the critic: the dep critic is
     # their output layer (Eq. 1) and the dep actor standardises Q by them (Eq. 2, paper App. B)
     agent.popart.update(y[valid])
-    if args.critic_loss == "ind":
-        critic = critic_loss_ind(agent, out, y)
-    else:
-        critic = critic_loss_dep(agent, out, y)
+    critic = critic_loss_ind(agent, out, y) if args.critic_loss == "ind" else critic_loss_dep(agent, out, y)
 
     q_buffer = agent.scalar_q(out.detach())  # (N, G, C): the critics' value of the buffer actions
-    dist = agent.actor(h_t)  # G distributions over (N,)
+    pi = agent.actor(h_t)  # G distributions over (N,)
     if args.actor_loss == "ind":
-        keep = crr_filter(agent, h_t, dist, q_buffer, args)  # (N, G)
+        keep = crr_filter(agent, h_t, pi, q_buffer, args)  # (N, G)
         a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
-        actor = -keep * dist.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
+        actor = -keep * pi.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
     else:
-        actor = dpg_actor_loss(agent, h_t, dist)
+        actor = dpg_actor_loss(agent, h_t, pi)
 
     def masked_mean(x):  # mean over valid transitions (filtered CRR steps stay in the denominator)
         return (x.reshape(N, -1).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
@@ -791,7 +696,7 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
         metrics["losses/crr_kept_fraction_acting"] = masked_mean(keep[:, g])
     with torch.no_grad():  # diagnostics
         metrics["losses/q_mean"] = masked_mean(q_buffer)
-        surprise = -dist.log_prob(dist.sample())  # (N, G): a one-sample estimate of each gamma's policy entropy
+        surprise = -pi.log_prob(pi.sample())  # (N, G): a one-sample estimate of each gamma's policy entropy
         metrics["losses/policy_entropy"] = masked_mean(surprise)
         metrics["losses/policy_entropy_acting"] = masked_mean(surprise[:, g])
         metrics |= critic_vs_returns(q_buffer, batch, valid, agent.gammas, args)
@@ -825,49 +730,19 @@ def critic_vs_returns(q: torch.Tensor, batch: dict, valid: torch.Tensor, gammas:
 # ======================================================================================
 # Rollouts and evaluation
 # ======================================================================================
-class TokenHistory:
-    """--no-kv-cache: keep each env's last context_len tokens and re-run the whole Transformer every step."""
-
-    def __init__(self, num_envs: int, context_len: int, d_token: int, device):
-        self.tokens = torch.zeros(num_envs, context_len, d_token, device=device)
-        self.t = torch.zeros(num_envs, context_len, dtype=torch.long, device=device)
-        self.length = torch.zeros(num_envs, dtype=torch.long, device=device)
-
-    def reset(self, envs: torch.Tensor):
-        self.length[envs] = 0
-
-    def __call__(self, transformer: Transformer, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        full = self.length >= self.tokens.shape[1]  # sliding window: drop the oldest token
-        self.tokens[full], self.t[full] = self.tokens[full].roll(-1, 1), self.t[full].roll(-1, 1)
-        pos = self.length.clamp(max=self.tokens.shape[1] - 1)
-        envs = torch.arange(len(pos), device=pos.device)
-        self.tokens[envs, pos], self.t[envs, pos] = tokens[:, 0], t[:, 0]
-        self.length += 1
-        n = int(pos.max()) + 1  # causal: the zeros after an env's own tokens do not change its output
-        return transformer(self.tokens[:, :n], self.t[:, :n])[envs, pos]
-
-
 class MetaRollouts:
-    """A vector env plus what each token needs beyond the observation: the previous action and reward, the
-    reset bit d (1 at the first step of every inner episode), the absolute time index and the rollout id.
-    With a buffer, every timestep (the final one of each rollout included) is written to it."""
+    """A vector env plus what each token needs beyond the observation: the previous action and reward, the reset bit d
+    (1 at the first step of every inner episode), the absolute time index and the rollout id. With a buffer, every
+    timestep (the final one of each rollout included) is written to it."""
 
     def __init__(self, envs: gym.vector.VectorEnv, agent: Agent, args: Args, device, buffer: ReplayBuffer | None = None):
         self.envs, self.buffer, self.device = envs, buffer, device
         E, space = envs.num_envs, envs.single_action_space
-        self.context = (
-            KVCache(agent.transformer, E, args.context_len, device)
-            if args.kv_cache
-            else TokenHistory(E, args.context_len, args.d_token, device)
-        )
+        self.cache = KVCache(agent.transformer, E, args.context_len, device)
         self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
-        self.cur.update(
-            prev_action=np.zeros((E, *space.shape), space.dtype),
-            prev_reward=np.zeros(E, np.float32),
-            reset=np.zeros(E, np.float32),
-            time=np.zeros(E, np.int64),
-            rollout_id=np.zeros(E, np.int64),
-        )
+        self.cur["prev_action"] = np.zeros((E, *space.shape), space.dtype)
+        self.cur |= {k: np.zeros(E, np.float32) for k in ("prev_reward", "reset")}
+        self.cur |= {k: np.zeros(E, np.int64) for k in ("time", "rollout_id")}  # absolute time index, rollout id
 
     def restart(self, seed: int):
         """Start a new meta-rollout in every env."""
@@ -880,39 +755,35 @@ class MetaRollouts:
         self.cur["prev_action"][idx], self.cur["prev_reward"][idx], self.cur["time"][idx] = NO_ACTION, 0.0, 0
         self.cur["reset"][idx] = 1.0  # the first step of a meta-rollout is the first step of an episode
         self.cur["rollout_id"][idx] = self.buffer.new_rollout_ids(len(idx)) if self.buffer else 0
-        self.context.reset(torch.as_tensor(idx, device=self.device))
+        self.cache.reset(torch.as_tensor(idx, device=self.device))
         self._record(idx, np.zeros(len(idx), np.float32), np.zeros(len(idx), bool))
 
     def _record(self, idx: np.ndarray, reward: np.ndarray, terminal: np.ndarray):
         if self.buffer is not None:
-            row = {k: v[idx] for k, v in self.cur.items()}
-            self.buffer.add({**row, "reward": reward, "terminal": terminal}, idx)
+            self.buffer.add({k: v[idx] for k, v in self.cur.items()} | {"reward": reward, "terminal": terminal}, idx)
 
     @torch.no_grad()
     def act(self, agent: Agent) -> np.ndarray:
         """Sample from the rollout gamma's actor head given each env's current token and its context."""
         x = {k: torch.as_tensor(v, device=self.device)[:, None] for k, v in self.cur.items()}
         tokens = agent.encoder({k: x[k] for k in agent.obs_keys}, x["prev_action"], x["prev_reward"], x["reset"])
-        h = self.context(agent.transformer, tokens, x["time"])
+        h = agent.transformer(tokens, x["time"], self.cache)[:, 0]  # one new token per env: (E, d_model)
         return agent.actor(h).sample()[:, agent.rollout_gamma].cpu().numpy()
 
     def step(self, actions: np.ndarray) -> tuple[list, np.ndarray]:
         """Returns (env index, task, metrics) for each meta-rollout that ended, and the (E,) done mask."""
         obs, reward, terminated, truncated, info = self.envs.step(actions)
-        every = np.arange(self.envs.num_envs)
-        for k in obs:
-            self.cur[k] = obs[k]
+        self.cur.update(obs)
         self.cur["prev_action"] = np.asarray(actions, self.cur["prev_action"].dtype)
         self.cur["prev_reward"] = info["policy_reward"].astype(np.float32)  # the reward the policy sees as input
         self.cur["reset"] = info["new_episode"].astype(np.float32)  # an inner episode restarted: d = 1, memory kept
         self.cur["time"] = self.cur["time"] + 1
-        self._record(every, reward.astype(np.float32), terminated)
+        self._record(np.arange(self.envs.num_envs), reward.astype(np.float32), terminated)
         done = terminated | truncated
-        finished = []
+        idx = np.flatnonzero(done)
+        metrics = {k: v for k, v in info.get("metrics", {}).items() if not k.startswith("_")}  # "_metrics": which envs set it
+        finished = [(i, str(info["task"][i]), {k: float(v[i]) for k, v in metrics.items()}) for i in idx]
         if done.any():
-            idx = np.flatnonzero(done)
-            metrics = {k: v for k, v in info["metrics"].items() if not k.startswith("_")}
-            finished = [(i, str(info["task"][i]), {k: float(v[i]) for k, v in metrics.items()}) for i in idx]
             new_obs, _ = self.envs.reset(options={"reset_mask": done})
             self._begin(idx, new_obs)
         return finished, done
@@ -933,16 +804,10 @@ def evaluate(agent: Agent, rollouts: MetaRollouts, episodes: int, seed: int) -> 
 
 
 def replay_fields(obs_space: gym.spaces.Dict, action_space: gym.Space) -> dict:
-    """What the buffer stores per timestep: the env's observation, the token's other inputs (previous action
-    and reward, reset bit), and the learner's reward and terminal flag for the transition into it."""
-    fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()}
-    return fields | {
-        "prev_action": (action_space.shape, action_space.dtype),
-        "prev_reward": ((), np.float32),
-        "reset": ((), np.float32),
-        "reward": ((), np.float32),
-        "terminal": ((), bool),
-    }
+    """Per timestep: the observation, the token's other inputs, and the learner's reward and terminal flag into it."""
+    fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()} | {"prev_action": (action_space.shape, action_space.dtype)}
+    scalars = {"prev_reward": np.float32, "reset": np.float32, "reward": np.float32, "terminal": bool}
+    return fields | {k: ((), dtype) for k, dtype in scalars.items()}
 
 
 def make_vector_env(thunks: list, async_envs: bool) -> gym.vector.VectorEnv:
@@ -957,107 +822,67 @@ def epsilon(args: Args, global_step: int) -> float:
     return args.eps_start + frac * (args.eps_end - args.eps_start)
 
 
-def explore(
-    actions: np.ndarray, epsilon: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator
-) -> np.ndarray:
-    """Epsilon-greedy on top of policy sampling: each env replaces its action by a uniform one with prob. epsilon."""
+def explore(actions: np.ndarray, eps: np.ndarray, action_space: gym.spaces.Discrete, rng: np.random.Generator) -> np.ndarray:
+    """Epsilon-greedy on top of policy sampling: each env replaces its action by a uniform one with probability eps."""
     random_actions = rng.integers(action_space.n, size=len(actions))
-    return np.where(rng.random(len(actions)) < epsilon, random_actions, actions)
+    return np.where(rng.random(len(actions)) < eps, random_actions, actions)
 
 
 # ======================================================================================
 # Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this
 # ======================================================================================
 class Progress:
-    """A tqdm bar over environment steps that also shows updates, SPS, the recent return and an ETA counting the update
-    phases: the remaining steps at the measured collection rate plus the remaining updates at the measured update
-    rate ("estimating" until both have been timed). It draws at most every --log-every seconds."""
+    """A tqdm bar over environment steps with updates, SPS, the recent return and an ETA: steps left at the measured
+    collection rate plus updates left at the measured update rate ("estimating" until both are timed)."""
 
     def __init__(self, args: Args, global_step: int, updates: int):
-        self.args, self.updates = args, updates
         rank, world = rank_and_world()
-        self.epoch_steps = args.num_envs * args.steps_per_epoch * world  # under torchrun, an epoch of every rank
-        self.bar = tqdm(
-            disable=rank != 0,
-            total=args.total_timesteps,
-            initial=global_step,
-            unit="step",
-            dynamic_ncols=True,
-            mininterval=args.log_every,
-            bar_format="{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]",
-        )
-        self.collect_seconds = self.update_seconds = 0.0
-        self.collected = self.timed_updates = 0
+        epoch_steps = args.num_envs * args.steps_per_epoch * world  # under torchrun, an epoch of every rank
+        epochs_left = -(-max(args.total_timesteps - global_step, 0) // epoch_steps)  # ceil: the last one may be cut short
+        self.updates, self.first_update, self.total_updates = updates, updates, updates + epochs_left * args.updates_per_epoch
+        self.collected, self.collect_seconds, self.update_seconds = 0, 0.0, 0.0
         self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
+        fmt = "{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]"
+        self.bar = tqdm(
+            total=args.total_timesteps, initial=global_step, mininterval=args.log_every, bar_format=fmt, disable=rank > 0
+        )
 
     def collect(self, steps: int, seconds: float):
-        self.collect_seconds, self.collected = self.collect_seconds + seconds, self.collected + steps
+        self.collected, self.collect_seconds = self.collected + steps, self.collect_seconds + seconds
         self.bar.update(steps)
-        self._show()
+        self.show()
 
     def update(self, seconds: float):
-        self.update_seconds += seconds
-        self.timed_updates += 1
-        self.updates += 1
-        self._show()
+        self.updates, self.update_seconds = self.updates + 1, self.update_seconds + seconds
+        self.show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
     def eta_seconds(self) -> float | None:
-        a = self.args
-        if not self.collected or (a.updates_per_epoch and not self.timed_updates):
+        timed, updates_left = self.updates - self.first_update, self.total_updates - self.updates
+        if not self.collected or (updates_left and not timed):
             return None
-        steps_left = max(a.total_timesteps - self.bar.n, 0)
-        epochs_left = -(-steps_left // self.epoch_steps)  # ceil
-        updates_left = epochs_left * a.updates_per_epoch
-        update_rate = self.timed_updates / self.update_seconds if self.timed_updates else float("inf")
-        return steps_left * self.collect_seconds / self.collected + updates_left / update_rate
+        per_update = self.update_seconds / timed if timed else 0.0
+        return max(self.bar.total - self.bar.n, 0) * self.collect_seconds / self.collected + updates_left * per_update
 
     def sps(self) -> float:
         """Environment steps per second of wall time spent collecting and updating."""
         return self.collected / max(self.collect_seconds + self.update_seconds, 1e-9)
 
-    def _show(self):
+    def show(self):
         eta = self.eta_seconds()
-        eta = (
-            "estimating"
-            if eta is None
-            else time.strftime("%H:%M:%S", time.gmtime(eta))
-            if eta < 86400
-            else f"{eta / 86400:.1f} days"
-        )
+        days = "estimating" if eta is None else f"{eta / 86400:.1f} days"
+        eta = days if eta is None or eta >= 86400 else time.strftime("%H:%M:%S", time.gmtime(eta))
         ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
         self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
 
-    def close(self):
-        self.bar.refresh()
-        self.bar.close()
 
-
-def cpu_notice(args: Args, agent: Agent, fields: dict, device: torch.device) -> str | None:
-    """On CPU with the paper's model width: time one update on a copy of the agent (a zero batch) and say what an epoch
-    of updates will cost, and where the CPU demo is. bf16 on a CPU without AVX-512: say it is slow. None otherwise."""
+def cpu_notice(args: Args, device: torch.device) -> str | None:
+    """One line where a CPU makes the run slow (the bar's ETA then says how slow): bf16 matmuls without AVX-512 are
+    emulated, and a paper-size model is a GPU job. None otherwise."""
     if device.type == "cpu" and args.precision == "bf16" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
-        return (
-            "note: --precision bf16 on a CPU without AVX-512 emulates bf16 matmuls (measured 23-30x slower than fp32 on an "
-            "AVX2 machine, README.md#speed); use --precision fp32 here"
-        )
-    if device.type != "cpu" or args.d_model < Args.d_model:
-        return None
-    shape = (args.batch_size, args.context_len + 1)
-    batch = {name: torch.zeros(*shape, *s, dtype=getattr(torch, np.dtype(dt).name)) for name, (s, dt) in fields.items()}
-    batch["mask"] = torch.ones(shape, dtype=torch.bool)
-    batch["time"] = torch.arange(shape[1]).expand(shape)
-    copy_of_agent = copy.deepcopy(agent).train()  # a training forward moves statistics: never on the real agent
-    start = time.time()
-    loss, _ = compute_losses(copy_of_agent, batch, args)
-    loss.backward()
-    seconds = time.time() - start
-    hours = seconds * args.updates_per_epoch / 3600
-    return (
-        f"note: a paper-size model on CPU: one update took {seconds:.1f} s here, so an epoch's {args.updates_per_epoch:,} "
-        f"updates take ~{hours:.1f} h plus collection. This is a GPU job; for a run that learns on a CPU in minutes, "
-        "see README.md#quick-start and each benchmark's CPU demo."
-    )
+        return "note: --precision bf16 on a CPU without AVX-512 emulates bf16 matmuls, far slower than fp32; use fp32 here"
+    if device.type == "cpu" and args.d_model >= Args.d_model:
+        return "note: a paper-size model on CPU is a GPU job (see the bar's ETA); CPU demos: README.md#quick-start"
 
 
 def crossed(before: int, after: int, every: int) -> bool:
@@ -1065,6 +890,7 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
+# ---- torchrun: every rank runs this script on its own envs and replay shard; DDP averages the gradients ----
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the job's number of ranks, as torchrun sets them; (0, 1) under plain python."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -1084,29 +910,15 @@ def init_distributed(args: Args) -> torch.device:
     return device
 
 
-def all_gather(obj) -> list:
-    """obj from every rank, in rank order ([obj] under plain python)."""
+def mean_over_ranks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean over dim 0 of every rank's rows x: (M_rank, D) -> (D,), and the number of rows in all. Statistics updated
+    outside the optimiser (PopArt, input normalisation) use it, so that under torchrun they stay identical on every rank."""
     if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def finite_on_every_rank(loss: torch.Tensor) -> bool:
-    """False if any rank's loss is NaN or inf: every rank then stops with one message instead of hanging."""
-    ok = torch.isfinite(loss.detach()).float()
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok)
-
-
-def state_digest(agent: nn.Module) -> dict[str, str]:
-    """sha256 of every parameter's and buffer's bytes: ranks that must hold the same agent are compared exactly."""
-    return {
-        name: hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
-        for name, t in agent.state_dict().items()
-    }
+        return x.mean(0), len(x)
+    total = torch.cat([x.sum(0), x.new_tensor([len(x)])])  # (D + 1,): sums and row count, reduced in one call
+    dist.all_reduce(total)
+    n = int(total[-1].item())
+    return total[:-1] / max(n, 1), n
 
 
 def buffer_folder(args: Args) -> str:
@@ -1122,48 +934,30 @@ class Silent:
         return lambda *args, **kwargs: None
 
 
+# ---- checkpoints and flag checks ----
 def save_checkpoint(
-    run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args: Args
+    run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args
 ):
-    """A run killed at any moment resumes from its last good checkpoint: the buffer snapshot is written first, then
-    state.pt by atomic rename (the commit point), and only then are older snapshots removed. Under torchrun every rank
-    writes its own buffer shard (rank<r>/), rank 0 writes state.pt with every rank's random state, once all shards
-    are in and every rank is seen to hold the same agent."""
+    """A run killed at any moment resumes from its last good checkpoint: every rank writes its buffer shard and its
+    random state (rank<r>/buffer-<step>/), then rank 0 state.pt by atomic rename (the commit point), then old ones go."""
     rank, world = rank_and_world()
     folder = os.path.join(run_dir, "checkpoint")
     shard, snapshot = os.path.join(folder, f"rank{rank}"), f"buffer-{global_step}"
     buffer.save(os.path.join(shard, snapshot))
-    rng_state = {
-        "python": random.getstate(),
-        "numpy": rng.bit_generator.state,
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    ranks = all_gather({"rng": rng_state, "digest": state_digest(agent)})
-    diverged = [name for name, d in ranks[0]["digest"].items() if any(r["digest"][name] != d for r in ranks)]
-    if diverged:
-        fail(f"ranks hold different weights at step {global_step} ({', '.join(diverged[:3])}...): a bug, please report it")
+    rng_state = {"python": random.getstate(), "numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    rng_state["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    torch.save(rng_state, os.path.join(shard, snapshot, "rng.pt"))
+    if dist.is_initialized():
+        dist.barrier()  # every shard is in before state.pt names it
     if rank == 0:
-        save_state(folder, agent, optimizer, scheduler, global_step, updates, snapshot, args, ranks)
+        state = {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        counters = {"global_step": global_step, "updates": updates}
+        state |= {"counters": counters, "buffer": snapshot, "args": asdict(args), "world_size": world}
+        torch.save(state, os.path.join(folder, "state.pt.tmp"))
+        os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
     if dist.is_initialized():
         dist.barrier()  # state.pt names the new shards: only now may the older ones go
     ReplayBuffer.remove_snapshots(shard, keep=snapshot)
-
-
-def save_state(folder: str, agent, optimizer, scheduler, global_step: int, updates: int, snapshot: str, args, ranks):
-    state = {
-        "agent": agent.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "counters": {"global_step": global_step, "updates": updates},
-        "buffer": snapshot,
-        "args": asdict(args),
-        "world_size": len(ranks),
-        "rng": [r["rng"] for r in ranks],  # per rank
-        "digest": [r["digest"] for r in ranks],  # per rank: sha256 of every tensor of the agent
-    }
-    torch.save(state, os.path.join(folder, "state.pt.tmp"))
-    os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
 
 
 def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, rng) -> tuple[int, int]:
@@ -1173,9 +967,9 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     agent.load_state_dict(state["agent"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rank = rank_and_world()[0]
-    buffer.load(os.path.join(folder, f"rank{rank}", state["buffer"]))
-    saved_rng = state["rng"][rank]
+    shard = os.path.join(folder, f"rank{rank_and_world()[0]}", state["buffer"])
+    buffer.load(shard)
+    saved_rng = torch.load(os.path.join(shard, "rng.pt"), weights_only=False)
     random.setstate(saved_rng["python"])
     rng.bit_generator.state = saved_rng["numpy"]
     torch.set_rng_state(saved_rng["torch"])
@@ -1193,32 +987,24 @@ def fail(message: str):
 
 def check_ranges(args: Args):
     """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
-    counts = (
-        "total_timesteps num_envs steps_per_epoch buffer_size batch_size context_len d_token d_model d_ff n_layers n_heads "
-        "num_critics head_hidden crr_samples warmup_updates eps_anneal_steps eval_episodes checkpoint_every"
-    ).split()
-    ranges = {name: (getattr(args, name) >= 1, "an integer >= 1") for name in counts}
-    ranges |= {
-        "updates_per_epoch": (args.updates_per_epoch >= 0, "an integer >= 0"),
-        "eval_every": (args.eval_every >= 0, "an integer >= 0 (0: only at the end)"),
-        "gammas": (len(args.gammas) > 0 and all(0 <= g < 1 for g in args.gammas), "discounts in [0, 1)"),
-        "num_bins": (args.num_bins >= 2, "an integer >= 2"),
-        "dropout": (0 <= args.dropout < 1, "in [0, 1)"),
-        "tau": (0 < args.tau <= 1, "in (0, 1]"),
-        "popart_beta": (0 < args.popart_beta <= 1, "in (0, 1]"),
-        "learning_rate": (args.learning_rate > 0, "> 0"),
-        "weight_decay": (args.weight_decay >= 0, ">= 0"),
-        "grad_clip": (args.grad_clip > 0, "> 0"),
-        "critic_weight": (args.critic_weight >= 0, ">= 0"),
-        "reward_multiplier": (args.reward_multiplier > 0, "> 0"),
-        "crr_threshold": (np.isfinite(args.crr_threshold), "a finite number"),
-        "eps_start": (0 <= args.eps_start <= 1, "in [0, 1]"),
-        "eps_end": (0 <= args.eps_end <= 1, "in [0, 1]"),
-        "log_every": (args.log_every > 0, "> 0 seconds"),
-    }
-    for name, (ok, valid) in ranges.items():
-        if not ok:  # NaN compares False: refused too
-            fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: it must be {valid}")
+    ranges = [  # (valid range, test, flags): NaN compares False, so it is refused too
+        ("an integer >= 1", lambda x: x >= 1, "total_timesteps num_envs steps_per_epoch buffer_size batch_size context_len"),
+        ("an integer >= 1", lambda x: x >= 1, "d_token d_model d_ff n_layers n_heads num_critics head_hidden crr_samples"),
+        ("an integer >= 1", lambda x: x >= 1, "warmup_updates eps_anneal_steps eval_episodes checkpoint_every"),
+        ("an integer >= 0", lambda x: x >= 0, "updates_per_epoch eval_every"),
+        ("an integer >= 2", lambda x: x >= 2, "num_bins"),
+        ("> 0", lambda x: x > 0, "learning_rate grad_clip reward_multiplier log_every"),
+        (">= 0", lambda x: x >= 0, "weight_decay critic_weight"),
+        ("in [0, 1)", lambda x: 0 <= x < 1, "dropout"),
+        ("in (0, 1]", lambda x: 0 < x <= 1, "tau popart_beta"),
+        ("in [0, 1]", lambda x: 0 <= x <= 1, "eps_start eps_end"),
+        ("a finite number", np.isfinite, "crr_threshold"),
+        ("discounts in [0, 1)", lambda gammas: len(gammas) > 0 and all(0 <= g < 1 for g in gammas), "gammas"),
+    ]
+    for valid, ok, names in ranges:
+        for name in names.split():
+            if not ok(getattr(args, name)):
+                fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: it must be {valid}")
 
 
 def resolve_args(args: Args) -> Args:
@@ -1228,12 +1014,10 @@ def resolve_args(args: Args) -> Args:
         if not os.path.exists(path):
             fail(f"--resume {args.resume}: no checkpoint at {path} (was the run started with --save-model?)")
         state = torch.load(path, map_location="cpu", weights_only=False)
-        saved, ranks, world = state["args"], state["world_size"], rank_and_world()[1]
-        if ranks != world:
-            how = "plain python" if ranks == 1 else f"torchrun with {ranks} ranks in all (e.g. --nproc-per-node {ranks})"
-            fail(
-                f"--resume {args.resume}: the run was saved by {ranks} rank(s) and this job has {world}; resume it with {how}"
-            )
+        saved, n, world = state["args"], state["world_size"], rank_and_world()[1]
+        if n != world:
+            how = "plain python" if n == 1 else f"torchrun with {n} ranks in all (e.g. --nproc-per-node {n})"
+            fail(f"--resume {args.resume}: the run was saved by {n} rank(s) and this job has {world}; resume it with {how}")
         total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved["total_timesteps"]
         args = Args(**{**saved, "resume": args.resume, "total_timesteps": total})
     check_ranges(args)
@@ -1251,13 +1035,6 @@ def resolve_args(args: Args) -> Args:
     folder = buffer_folder(args)
     if folder and not args.resume and os.path.isdir(folder) and os.listdir(folder):
         fail(f"--buffer-dir {folder} already holds a replay buffer: resume its run with --resume, or choose an empty folder")
-    if folder:
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            fail(f"--buffer-dir {folder} cannot be created ({e.strerror}): choose a folder you can write to")
-        if not os.access(folder, os.W_OK):
-            fail(f"--buffer-dir {folder} is not writable: choose a folder you can write to")
     on_cpu = args.device == "cpu" or not torch.cuda.is_available()
     if args.compile and on_cpu and not shutil.which(os.environ.get("CXX", "g++")):
         fail("--compile on a CPU needs a C++ compiler for torch.compile (g++, or set CXX): install one or drop --compile")
@@ -1287,9 +1064,8 @@ if __name__ == "__main__":
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
-    optimizer = torch.optim.AdamW(
-        [p for p in agent.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
-    )
+    params = [p for p in agent.parameters() if p.requires_grad]  # not the EMA heads
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
     if args.compile:  # the first updates pay the compile time (dynamic: batches are trimmed to varying lengths)
         agent.critics.compile(dynamic=True)
@@ -1302,6 +1078,8 @@ if __name__ == "__main__":
         buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, buffer_folder(args))
     except MemoryError as e:
         fail(str(e))
+    except OSError as e:  # the buffer creates its folder and files
+        fail(f"--buffer-dir {args.buffer_dir} cannot be created or written ({e.strerror}): choose a folder you can write to")
     say(buffer.footprint())
     global_step, updates = 0, 0  # environment steps and gradient updates so far
     if args.resume:
@@ -1309,12 +1087,9 @@ if __name__ == "__main__":
         say(f"resumed {run_dir} at step {global_step:,} after {updates:,} updates")
     writer = SummaryWriter(run_dir, purge_step=global_step or None) if rank == 0 else Silent()
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-    n_params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    say(
-        f"{args.run_name}: {n_params:,} parameters on {device} x {world} rank(s), actor {args.actor_loss} / critic {args.critic_loss}"
-    )
-    notice = cpu_notice(args, agent, replay_fields(obs_space, action_space), device)
-    if notice:
+    n = sum(p.numel() for p in params)
+    say(f"{args.run_name}: {n:,} parameters on {device} x {world} rank(s), actor {args.actor_loss}, critic {args.critic_loss}")
+    if notice := cpu_notice(args, device):
         say(notice)
 
     rollouts = MetaRollouts(envs, agent, args, device, buffer)
@@ -1333,8 +1108,7 @@ if __name__ == "__main__":
         agent.eval()
         for _ in range(args.steps_per_epoch):
             step_start = time.time()
-            actions = rollouts.act(agent)
-            actions = explore(actions, epsilon(args, global_step) * eps_mult, action_space, rng)
+            actions = explore(rollouts.act(agent), epsilon(args, global_step) * eps_mult, action_space, rng)
             finished, done = rollouts.step(actions)
             global_step += args.num_envs * world  # --total-timesteps counts the steps of every rank
             for i, task, metrics in finished:
@@ -1359,15 +1133,12 @@ if __name__ == "__main__":
             batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             with autocast:
                 loss, metrics = learner(batch, args)  # compute_losses
-            if not finite_on_every_rank(loss):
-                fail(
-                    f"non-finite loss at update {updates} (rank 0: {loss.item()}): "
-                    + ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
-                    + ". Resume from the last checkpoint with a lower --learning-rate, or use --precision fp32."
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)
+            if not torch.isfinite(grad_norm):  # all-reduced by DDP: the same on every rank, so every rank stops here
+                losses = ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items())
+                fail(f"non-finite gradient norm at update {updates} ({losses}): resume with a lower --learning-rate or fp32")
             optimizer.step()
             scheduler.step()
             agent.ema_update(args.tau)
@@ -1384,21 +1155,19 @@ if __name__ == "__main__":
         final = global_step >= args.total_timesteps
         if rank == 0 and (crossed(epoch_start, global_step, args.eval_every) or final):
             per_task = evaluate(agent, eval_rollouts, args.eval_episodes, seed=10**6 + global_step)
-            for task, metrics in per_task.items():
-                for k, v in metrics.items():
-                    writer.add_scalar(f"eval/{task}/{k}", v, global_step)
             summary = summarize_eval(per_task)
-            for k, v in summary.items():
+            for k, v in ({f"{task}/{k}": v for task, m in per_task.items() for k, v in m.items()} | summary).items():
                 writer.add_scalar(f"eval/{k}", v, global_step)
             say("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
         if args.save_model and (crossed(epoch_start, global_step, args.checkpoint_every) or final):
             save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, global_step, updates, rng, args)
             say(f"checkpoint: {run_dir}/checkpoint at step {global_step:,}")
 
-    progress.close()
+    progress.bar.close()
     say(
-        f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min; "
-        f"final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
+        f"done: {global_step:,} steps, {updates:,} updates in {(time.time() - start_time) / 60:.1f} min"
+        + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "")
+        + f"; final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
     )
     envs.close()
     if eval_envs is not None:

@@ -303,7 +303,7 @@ def encoder_inputs(B, L, hw=84, num_actions=18):
 def test_encoder_output_shape_and_layernorm():
     torch.manual_seed(0)
     env = atari.AtariEnv("Pong")
-    enc = atari.TimestepEncoder(env.observation_space, action_dim=18, d_out=256)
+    enc = atari.TimestepEncoder(env.observation_space, 18, atari.Args(d_token=256))
     out = enc(*encoder_inputs(2, 3))
     assert out.shape == (2, 3, 256) and torch.isfinite(out).all()
     # final LayerNorm at init: every token has mean 0 and std 1 over features
@@ -318,7 +318,7 @@ def test_encoder_output_shape_and_layernorm():
 
 def test_encoder_tokens_are_per_timestep_and_use_the_rl2_inputs():
     torch.manual_seed(0)
-    enc = atari.TimestepEncoder(atari.AtariEnv("Pong").observation_space, action_dim=18, d_out=64).eval()
+    enc = atari.TimestepEncoder(atari.AtariEnv("Pong").observation_space, 18, atari.Args(d_token=64)).eval()
     obs, a, r, d = encoder_inputs(2, 4)
     out = enc(obs, a, r, d)
     # folding (B, L) into the CNN batch: each token depends on its own timestep only
@@ -335,7 +335,7 @@ def test_encoder_tokens_are_per_timestep_and_use_the_rl2_inputs():
 
 def test_encoder_procgen_sizes_and_gradients():
     space = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)})
-    enc = atari.TimestepEncoder(space, action_dim=15, d_out=32, channels=(20, 36, 64), image_features=48)
+    enc = atari.TimestepEncoder(space, 15, atari.Args(d_token=32, impala_channels=[20, 36, 64]), image_features=48)
     out = enc(*encoder_inputs(1, 2, hw=64, num_actions=15))
     assert out.shape == (1, 2, 32)
     out.square().sum().backward()

@@ -272,7 +272,7 @@ def _batch(B, L, seed=0):
 def test_encoder_shape_and_grad():
     torch.manual_seed(0)
     env, obs, prev_action, prev_reward, reset = _batch(3, 5)
-    enc = ab.TimestepEncoder(env.observation_space, num_actions=7, d_out=64)
+    enc = ab.TimestepEncoder(env.observation_space, 7, ab.Args(d_token=64))
     out = enc(obs, prev_action, prev_reward, reset)
     assert out.shape == (3, 5, 64) and torch.isfinite(out).all()
     out.pow(2).mean().backward()
@@ -288,7 +288,7 @@ def test_encoder_no_action_is_zeros_and_mask_is_accepted():
     torch.manual_seed(0)
     env, obs, prev_action, prev_reward, reset = _batch(2, 3)
     prev_action[:, 0] = ab.NO_ACTION
-    enc = ab.TimestepEncoder(env.observation_space, num_actions=7, d_out=32)
+    enc = ab.TimestepEncoder(env.observation_space, 7, ab.Args(d_token=32))
     seen = []
     enc.extras[0].register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
     mask = torch.ones(2, 3, dtype=torch.bool)
@@ -302,7 +302,7 @@ def test_encoder_no_action_is_zeros_and_mask_is_accepted():
 def test_encoder_mission_ignores_padding_and_batch_mates():
     torch.manual_seed(0)
     env, obs, prev_action, prev_reward, reset = _batch(2, 6, seed=1)
-    enc = ab.TimestepEncoder(env.observation_space, num_actions=7).eval()
+    enc = ab.TimestepEncoder(env.observation_space, 7, ab.Args(d_token=256)).eval()
     with torch.no_grad():
         full = enc(obs, prev_action, prev_reward, reset)
         for b in range(2):

@@ -59,10 +59,7 @@ def test_bad_value_is_refused_in_one_line(script, field, value, capsys):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_paper_defaults_pass_and_an_uncreatable_buffer_dir_is_refused(script, tmp_path, capsys):
+def test_paper_defaults_pass(script):
     module = importlib.import_module(f"amago2_{script}")
     assert module.resolve_args(module.Args()).run_name  # the paper's defaults are all in range
-    (tmp_path / "file").write_text("")
-    with pytest.raises(SystemExit):
-        module.resolve_args(module.Args(buffer_dir=str(tmp_path / "file" / "buffer")))
-    assert "cannot be created" in capsys.readouterr().err
+    # an --buffer-dir that cannot be created: test_cli.py (the buffer itself refuses it, when the run builds it)

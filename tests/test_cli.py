@@ -17,8 +17,8 @@ MODEL = (
 
 SCRIPTS = {
     # env flags and steps (total-timesteps = 2 epochs x 2 envs x steps-per-epoch); the evaluation line's first key;
-    # `tags`: TensorBoard scalars of the run; `variant`: the benchmark's own options, run with bf16, full recompute,
-    # async envs and a disk-backed buffer, and `variant_out` (where given) in its output;
+    # `tags`: TensorBoard scalars of the run; `variant`: the benchmark's own options, run with bf16, async envs and a
+    # disk-backed buffer, and `variant_out` (where given) in its output;
     # `bad`: the benchmark's own names and options that must be refused in one line
     "popgym": dict(
         flags="--tasks RepeatPreviousEasy MineSweeperEasy --num-envs 2 --steps-per-epoch 40 --context-len 12 --batch-size 3",
@@ -122,9 +122,9 @@ def test_loss_combinations_run(name, actor_loss, critic_loss, tmp_path):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_bf16_full_recompute_async_disk_buffer(name, tmp_path):
+def test_bf16_async_disk_buffer(name, tmp_path):
     """The options a paper-size run uses, with the benchmark's own: one run, and the buffer really is on disk."""
-    flags = ["--precision", "bf16", "--no-kv-cache", "--async-envs", "--buffer-dir", "buf", *SCRIPTS[name]["variant"]]
+    flags = ["--precision", "bf16", "--async-envs", "--buffer-dir", "buf", *SCRIPTS[name]["variant"]]
     out = run(name, [*tiny(name), *flags], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "memory-mapped in buf" in out.stdout
@@ -159,6 +159,15 @@ def test_save_then_resume_continues(name, tmp_path):
     assert (ids[kept] == saved_ids[kept]).sum() > 0 and ids.max() > saved_ids.max()
     assert sorted(os.listdir(ckpt)) == ["rank0", "state.pt"]
     assert os.listdir(ckpt / "rank0") == [state2["buffer"]]  # older snapshots removed
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_unusable_buffer_dir_is_refused_in_one_line(name, tmp_path):
+    """The buffer creates its folder and files; an --buffer-dir where it cannot is a bad flag, not a traceback."""
+    (tmp_path / "file").write_text("")
+    out = run(name, [*tiny(name), "--buffer-dir", "file/buffer"], tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: --buffer-dir file/buffer cannot be created or written (Not a directory)" in out.stderr
 
 
 COMMON_BAD = [

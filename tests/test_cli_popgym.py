@@ -18,7 +18,8 @@ def test_resume_reproduces_the_saved_state(tmp_path):
 
     out = run([*TINY, "--save-model", "--run-name", "r"], tmp_path)
     assert out.returncode == 0, out.stderr
-    state = torch.load(tmp_path / "runs" / "r" / "checkpoint" / "state.pt", weights_only=False)
+    ckpt = tmp_path / "runs" / "r" / "checkpoint"
+    state = torch.load(ckpt / "state.pt", weights_only=False)
     args = A.Args(**state["args"])
     env = A.POPGymMetaEnv(args.tasks)
     agent = A.Agent(env.observation_space, env.action_space.n, args)
@@ -33,7 +34,8 @@ def test_resume_reproduces_the_saved_state(tmp_path):
     assert agent.encoder.norm.count.item() > 0  # input statistics restored
     assert agent.popart.updates.item() == 1 + 4  # PopArt follows the TD targets on every update, whatever the critic
     assert opt.state_dict()["state"][0]["step"].item() == 4
-    assert rng.bit_generator.state == state["rng"][0]["numpy"]  # rank 0 of 1
+    saved_rng = torch.load(ckpt / "rank0" / state["buffer"] / "rng.pt", weights_only=False)  # beside rank 0's shard
+    assert rng.bit_generator.state == saved_rng["numpy"]
     assert buffer.num_timesteps() > 0
 
 

@@ -67,5 +67,5 @@ def test_mode_defaults_and_overrides():
     hard.impala_channels.append(4)  # the defaults are copies, not the shared table
     assert A.Args(mode="memory-hard").impala_channels == [20, 36, 64]
     space = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)})
-    encoder = A.make_encoder(space, 15, A.Args(mode="memory-hard"))
+    encoder = A.TimestepEncoder(space, 15, A.Args(mode="memory-hard"))
     assert [block.conv.out_channels for block in encoder.cnn[:-1]] == [20, 36, 64]

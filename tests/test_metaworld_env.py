@@ -240,7 +240,7 @@ def test_summarize_eval():
 def test_encoder_shape_and_running_stats():
     torch.manual_seed(0)
     space = gym.spaces.Dict({"obs": gym.spaces.Box(-np.inf, np.inf, (39,), np.float32)})
-    enc = TimestepEncoder(space, action_dim=4, d_out=256)
+    enc = TimestepEncoder(space, 4, Args(d_token=256))
     B, L = 3, 7
     obs = {"obs": torch.randn(B, L, 39) * 5 + 2}
     act, rew, reset = torch.rand(B, L, 4) * 2 - 1, torch.rand(B, L) * 10, torch.zeros(B, L)
@@ -266,7 +266,7 @@ def test_encoder_shape_and_running_stats():
     assert all(p.grad is not None for p in enc.parameters())
 
     # mask: statistics only from valid timesteps
-    enc2 = TimestepEncoder(space, action_dim=4, d_out=32).train()
+    enc2 = TimestepEncoder(space, 4, Args(d_token=32)).train()
     mask = torch.zeros(B, L, dtype=torch.bool)
     mask[:, :3] = True
     obs_pad = {"obs": obs["obs"].clone()}

@@ -4,9 +4,11 @@ import copy
 import os
 import shutil
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from token_history import TokenHistory
 
 import amago2_popgym as A
 
@@ -39,7 +41,7 @@ def test_padding_and_action_space():
     # installed popgym: CountRecallEasy answers counts 0..26, so 27 actions keep every answer reachable
     assert env.action_space.n == max(A.num_actions(e.action_space) for e in env.envs.values()) == 27
     for name, e in env.envs.items():
-        assert A.flat_size(e.observation_space) <= A.OBS_PAD, name
+        assert gym.spaces.flatdim(e.observation_space) <= A.OBS_PAD, name
     env = A.POPGymMetaEnv(["CountRecallHard"], task="CountRecallHard")
     obs, _ = env.reset(seed=0)
     assert obs["obs"][:26].sum() == 2 and obs["obs"][-1] == 1  # two one-hot parts of 13, padded; valid flag
@@ -156,7 +158,7 @@ def test_kv_cache_equals_full_forward():
     tokens, t = random_tokens(3, args.context_len, args.d_token)
     full = tr(tokens, t)
     cache = A.KVCache(tr, 3, args.context_len, "cpu")
-    stepped = torch.stack([cache(tr, tokens[:, i : i + 1], t[:, i : i + 1]) for i in range(args.context_len)], 1)
+    stepped = torch.stack([tr(tokens[:, i : i + 1], t[:, i : i + 1], cache)[:, 0] for i in range(args.context_len)], 1)
     assert torch.allclose(stepped, full, atol=1e-4)
 
 
@@ -170,22 +172,23 @@ def test_kv_cache_per_env_lengths_and_reset():
     for i in range(12):
         if i == 5:
             cache.reset(torch.tensor([1]))
-        outs.append(cache(tr, tokens[:, i : i + 1], t[:, i : i + 1]))
+        outs.append(tr(tokens[:, i : i + 1], t[:, i : i + 1], cache)[:, 0])
     outs = torch.stack(outs, 1)
     assert torch.allclose(outs[0], tr(tokens[:1], t[:1])[0], atol=1e-4)
     assert torch.allclose(outs[1, 5:], tr(tokens[1:, 5:], t[1:, 5:])[0], atol=1e-4)
 
 
 def test_sliding_window_past_context_matches_token_history():
-    """Past l tokens the cache keeps the last l keys; full recompute over the last l tokens is the other inference mode."""
+    """Past l tokens the cache keeps the last l keys; full recompute over the last l tokens (TokenHistory, the tests'
+    reference) is the other inference mode."""
     agent, args = make_agent(context_len=6)
     tr = agent.transformer.eval()
     tokens, t = random_tokens(2, 10, args.d_token)
-    history = A.TokenHistory(2, 6, args.d_token, "cpu")
+    history = TokenHistory(2, 6, args.d_token, "cpu")
     cache = A.KVCache(tr, 2, 6, "cpu")
     for i in range(10):
         h_full = history(tr, tokens[:, i : i + 1], t[:, i : i + 1])
-        h_kv = cache(tr, tokens[:, i : i + 1], t[:, i : i + 1])
+        h_kv = tr(tokens[:, i : i + 1], t[:, i : i + 1], cache)[:, 0]
         lo = max(0, i - 5)
         assert torch.allclose(h_full, tr(tokens[:, lo : i + 1], t[:, lo : i + 1])[:, -1], atol=1e-4)
         if i < 6:
@@ -509,23 +512,20 @@ def test_progress_eta_counts_the_update_phases():
     # 9000 steps left: 18 s of collection; 9 epochs x 50 updates at 10/s: 45 s
     assert progress.eta_seconds() == pytest.approx(18.0 + 45.0)
     assert progress.sps() == pytest.approx(1000 / 7.0)
-    progress.close()
+    progress.collect(1000, seconds=2.0)  # the second epoch's steps: its update phase is still to come and counted
+    assert progress.eta_seconds() == pytest.approx(16.0 + 45.0)
+    for _ in range(25):
+        progress.update(seconds=0.1)  # half way through that phase: 425 updates left of 500
+    assert progress.eta_seconds() == pytest.approx(16.0 + 42.5)
+    progress.bar.close()
 
 
-def test_cpu_notice_times_an_update_on_a_copy_for_a_paper_width_model():
-    """A paper-width model on CPU gets one line with the measured time of an update and the way to the CPU demo; the
-    timing runs on a copy, so the real agent's weights and statistics are untouched. A cut-down model gets none."""
-    agent, args = make_agent()
-    fields = A.replay_fields(*[getattr(A.POPGymMetaEnv(args.tasks), k) for k in ("observation_space", "action_space")])
-    assert A.cpu_notice(args, agent, fields, torch.device("cpu")) is None  # d_model 32 < the paper's 256
-    wide, wide_args = make_agent(d_model=A.Args.d_model, n_layers=1, context_len=8, batch_size=2, updates_per_epoch=1000)
-    before = {k: v.clone() for k, v in wide.state_dict().items()}
-    notice = A.cpu_notice(wide_args, wide, fields, torch.device("cpu"))
-    assert notice.startswith("note: a paper-size model on CPU: one update took ") and "README.md#quick-start" in notice
-    assert "an epoch's 1,000 updates take ~" in notice and "\n" not in notice
-    assert all(torch.equal(wide.state_dict()[k], v) for k, v in before.items())
-    assert all(p.grad is None for p in wide.parameters())
-    assert A.cpu_notice(wide_args, wide, fields, torch.device("cuda")) is None  # GPUs need no warning
+def test_cpu_notice_for_a_paper_width_model():
+    """A paper-width model on CPU gets one line: a GPU job, and the way to the CPU demo. A cut-down model gets none."""
+    assert A.cpu_notice(tiny_args(), torch.device("cpu")) is None  # d_model 32 < the paper's 256
+    notice = A.cpu_notice(A.Args(), torch.device("cpu"))
+    assert notice.startswith("note: a paper-size model on CPU") and "README.md#quick-start" in notice and "\n" not in notice
+    assert A.cpu_notice(A.Args(), torch.device("cuda")) is None  # GPUs need no warning
 
 
 def test_trimmed_padding_gives_the_same_losses():
@@ -586,12 +586,11 @@ def test_q_against_monte_carlo_only_where_the_rollout_ends_in_the_window():
 
 
 def test_cpu_notice_says_bf16_is_slow_without_avx512(monkeypatch):
-    agent, args = make_agent()
-    args.precision = "bf16"
+    args = tiny_args(precision="bf16")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert "bf16 matmuls" in A.cpu_notice(args, agent, {}, torch.device("cpu"))
+    assert "bf16 matmuls" in A.cpu_notice(args, torch.device("cpu"))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert A.cpu_notice(args, agent, {}, torch.device("cpu")) is None  # a cut-down model on a CPU with bf16 units
+    assert A.cpu_notice(args, torch.device("cpu")) is None  # a cut-down model on a CPU with bf16 units
 
 
 @pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="torch.compile on CPU needs a C++ compiler")

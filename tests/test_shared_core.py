@@ -14,7 +14,6 @@ EXEMPT = {
     "check_env_args",
     "summarize_eval",
     "TimestepEncoder",
-    "make_encoder",
     "Actor",
     "action_features",
     "dpg_actor_loss",
@@ -48,9 +47,6 @@ def test_shared_definitions_are_identical():
 
 SCRIPTS = ["popgym", "metaworld", "procgen", "atari", "babyai"]
 NOT_CORE = {  # POPGym's own env, and definitions only some scripts need (identical where they repeat)
-    "popgym_class",
-    "flat_size",
-    "flatten",
     "num_actions",
     "POPGymMetaEnv",
     "InputNorm",
