@@ -149,9 +149,7 @@ class Args:
     """runs/<run_name>: filled in at runtime"""
 
 
-# ======================================================================================
-# Environment: one ALE game episode = one meta-rollout; env i plays game i mod len(games)
-# ======================================================================================
+# ==== Environment: one ALE game episode = one meta-rollout; env i plays game i mod len(games) =========================
 # Random-agent and human reference scores as tabulated by Wang et al. 2016 (Dueling DQN) and used by
 # Rainbow (Hessel et al. 2018) and Atari 100k, for the human-normalised score (HNS).
 # fmt: off
@@ -285,9 +283,7 @@ def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     }
 
 
-# ======================================================================================
-# Model (paper Sec. 3, Fig. 2): timestep encoder -> causal Transformer -> actor and critics
-# ======================================================================================
+# ==== Model (paper Sec. 3, Fig. 2): timestep encoder -> causal Transformer -> actor and critics =======================
 class ResidualBlock(nn.Module):
     """GroupNorm(x + conv(act(conv(act(x))))), 3x3 convs that keep the shape; 4 groups (official library)."""
 
@@ -403,7 +399,7 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(self.norm_attn_in(x)).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        if cache is None:  # training / full recompute: (B, H, L, dh), causal
+        if cache is None:  # training, or any full pass: (B, H, L, dh), causal
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # rollout: one new token per env attends to that env's cached keys and values
             k, v, valid = cache.write(self, k, v)
@@ -427,16 +423,12 @@ class KVCache:
         self.length = torch.zeros(num_envs, dtype=torch.long, device=device)  # tokens seen this meta-rollout
         self.context_len = context_len
 
-    def reset(self, envs: torch.Tensor):
-        self.length[envs] = 0
-
     def write(self, layer, k: torch.Tensor, v: torch.Tensor):
         envs = torch.arange(len(self.length), device=k.device)
         slot = self.length % self.context_len
         self.k[layer][envs, :, slot] = k[:, :, 0].float()
         self.v[layer][envs, :, slot] = v[:, :, 0].float()
-        filled = torch.clamp(self.length + 1, max=self.context_len)
-        valid = torch.arange(self.context_len, device=k.device)[None, :] < filled[:, None]  # (E, l)
+        valid = torch.arange(self.context_len, device=k.device)[None, :] <= self.length[:, None]  # (E, l): slots written
         return self.k[layer], self.v[layer], valid[:, None, None, :]
 
 
@@ -535,10 +527,9 @@ class CriticEnsemble(nn.Module):
 
 class PopArt(nn.Module):
     """One global (task-agnostic) PopArt layer per gamma (paper App. B): the output layer of the scalar critics of
-    --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic.
-
-    Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed w, b are rescaled so
-    the denormalised output sigma * (w x + b) + mu is unchanged."""
+    --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic. Statistics
+    mu (init 0) and nu (init 100) track the TD targets; after each update the fixed w, b are rescaled so the
+    denormalised output sigma * (w x + b) + mu is unchanged."""
 
     def __init__(self, num_gammas: int, beta: float):
         super().__init__()
@@ -628,13 +619,10 @@ class Agent(nn.Module):
                 tp.lerp_(p, tau)
 
 
-# ======================================================================================
-# Losses (paper Sec. 3, App. B): TD target, critic Eqs. 1 / 3, actor Eqs. 2 / 4
-# ======================================================================================
+# ==== Losses (paper Sec. 3, App. B): TD target, critic Eqs. 1 / 3, actor Eqs. 2 / 4 ===================================
 def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
-    """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad.
-
-    As in the official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
+    """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad. As in the
+    official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
     sum_a pi'(a|h') Q_c(h', a); for the ind actor (its multi-task agent) the value of one sampled a' ~ pi'."""
     pi = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
     if actor_loss == "dep":
@@ -649,8 +637,7 @@ def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: to
     clipped double-Q, with the dep actor (official library, DPG agent). h_next: (N, d), reward / done: (N,) -> (N, G)."""
     with torch.no_grad():
         q = next_state_values(agent, h_next, args.actor_loss)  # (N, G, C)
-        pick = torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device)
-        q_two = q.gather(-1, pick)  # (N, G, 2)
+        q_two = q.gather(-1, torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device))  # (N, G, 2)
         q_bar = q_two.min(-1).values if args.actor_loss == "dep" else q_two.mean(-1)
         return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
 
@@ -672,7 +659,6 @@ def dpg_actor_loss(agent, h: torch.Tensor, pi) -> torch.Tensor:
     """Eq. 2, discrete: -min_c sum_a pi(a|h) Q_c(h, a), each critic's exact expectation over actions, then the
     pessimistic min over the ensemble (official library: the min is taken after the expectation), with Q standardised
     by the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
-
     CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor (and, through the
     actor head, the Transformer) and never the critics."""
     with torch.no_grad():
@@ -760,9 +746,7 @@ def critic_vs_returns(q: torch.Tensor, batch: dict, valid: torch.Tensor, gammas:
     return {"losses/mc_return": mc[ends].mean(), "losses/q_minus_mc": (q[:, g].mean(-1).view(B, l) - mc)[ends].mean()}
 
 
-# ======================================================================================
-# Rollouts and evaluation
-# ======================================================================================
+# ==== Rollouts and evaluation =========================================================================================
 class MetaRollouts:
     """A vector env plus what each token needs beyond the observation: the previous action and reward, the reset bit d
     (1 at the first step of every inner episode), the absolute time index and the rollout id. With a buffer, every
@@ -788,7 +772,7 @@ class MetaRollouts:
         self.cur["prev_action"][idx], self.cur["prev_reward"][idx], self.cur["time"][idx] = NO_ACTION, 0.0, 0
         self.cur["reset"][idx] = 1.0  # the first step of a meta-rollout is the first step of an episode
         self.cur["rollout_id"][idx] = self.buffer.new_rollout_ids(len(idx)) if self.buffer else 0
-        self.cache.reset(torch.as_tensor(idx, device=self.device))
+        self.cache.length[torch.as_tensor(idx, device=self.device)] = 0  # empty the cache of these envs
         self._record(idx, np.zeros(len(idx), np.float32), np.zeros(len(idx), bool))
 
     def _record(self, idx: np.ndarray, reward: np.ndarray, terminal: np.ndarray):
@@ -861,9 +845,7 @@ def explore(actions: np.ndarray, eps: np.ndarray, action_space: gym.spaces.Discr
     return np.where(rng.random(len(actions)) < eps, random_actions, actions)
 
 
-# ======================================================================================
-# Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this
-# ======================================================================================
+# ==== Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this ===============================
 class Progress:
     """A tqdm bar over environment steps with updates, SPS, the recent return and an ETA: steps left at the measured
     collection rate plus updates left at the measured update rate ("estimating" until both are timed)."""
@@ -910,8 +892,7 @@ class Progress:
 
 
 def cpu_notice(args: Args, device: torch.device) -> str | None:
-    """One line where a CPU makes the run slow (the bar's ETA then says how slow): bf16 matmuls without AVX-512 are
-    emulated, and a paper-size model is a GPU job. None otherwise."""
+    """A line where a CPU makes the run slow (the bar's ETA says how slow): bf16 without AVX-512, a paper-size model."""
     if device.type == "cpu" and args.precision == "bf16" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
         return "note: --precision bf16 on a CPU without AVX-512 emulates bf16 matmuls, far slower than fp32; use fp32 here"
     if device.type == "cpu" and args.d_model >= Args.d_model:
@@ -923,7 +904,6 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
-# ---- torchrun: every rank runs this script on its own envs and replay shard; DDP averages the gradients ----
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the job's number of ranks, as torchrun sets them; (0, 1) under plain python."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -967,7 +947,6 @@ class Silent:
         return lambda *args, **kwargs: None
 
 
-# ---- checkpoints and flag checks ----
 def save_checkpoint(
     run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args
 ):
@@ -997,9 +976,8 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     """Restores everything save_checkpoint wrote; returns (global_step, updates)."""
     folder = os.path.join(run_dir, "checkpoint")
     state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
-    agent.load_state_dict(state["agent"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    for name, obj in [("agent", agent), ("optimizer", optimizer), ("scheduler", scheduler)]:
+        obj.load_state_dict(state[name])
     shard = os.path.join(folder, f"rank{rank_and_world()[0]}", state["buffer"])
     buffer.load(shard)
     saved_rng = torch.load(os.path.join(shard, "rng.pt"), weights_only=False)
@@ -1020,7 +998,7 @@ def fail(message: str):
 
 def check_ranges(args: Args):
     """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
-    ranges = [  # (valid range, test, flags): NaN compares False, so it is refused too
+    ranges = [  # (valid range, test, flags)
         ("an integer >= 1", lambda x: x >= 1, "total_timesteps num_envs steps_per_epoch buffer_size batch_size context_len"),
         ("an integer >= 1", lambda x: x >= 1, "d_token d_model d_ff n_layers n_heads num_critics head_hidden crr_samples"),
         ("an integer >= 1", lambda x: x >= 1, "warmup_updates eps_anneal_steps eval_episodes checkpoint_every"),
@@ -1036,7 +1014,7 @@ def check_ranges(args: Args):
     ]
     for valid, ok, names in ranges:
         for name in names.split():
-            if not ok(getattr(args, name)):
+            if not ok(getattr(args, name)):  # NaN compares False: refused too
                 fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: it must be {valid}")
 
 
@@ -1090,9 +1068,8 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed + rank)
     run_dir = f"runs/{args.run_name}"
 
-    envs = make_vector_env(
-        [make_env(args, rank * args.num_envs + i, train=True) for i in range(args.num_envs)], args.async_envs
-    )
+    thunks = [make_env(args, rank * args.num_envs + i, train=True) for i in range(args.num_envs)]
+    envs = make_vector_env(thunks, args.async_envs)
     eval_envs = make_vector_env(make_eval_envs(args), args.async_envs) if rank == 0 else None
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])

@@ -28,10 +28,9 @@ from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 warnings.filterwarnings("ignore", module="gym")  # popgym imports the legacy gym package, which warns on import
 import popgym  # noqa: E402
 
-# The 27 tasks of the paper (App. B: observation and action spaces of dimension < 30), each with the mean return of a
-# uniformly random policy over 200 episodes (tests/tools/measure_popgym_random.py). The normalised score maps these to 0
-# and POPGym's maximum episode return, 1.0, to 1 (POPGym bounds returns in [-1, 1]); the paper's 1 is the best
-# single-task result of Morad et al., published only as a figure.
+# The 27 tasks of the paper (App. B: spaces of dimension < 30), each with the mean return of a uniformly random policy
+# over 200 episodes (tests/tools/measure_popgym_random.py): the normalised score maps it to 0 and POPGym's maximum return
+# 1.0 to 1 (returns lie in [-1, 1]); the paper's 1 is the best single-task result of Morad et al., only shown as a figure.
 # fmt: off
 RANDOM_RETURNS = {
     "AutoencodeEasy": -0.515, "AutoencodeMedium": -0.5, "AutoencodeHard": -0.498,
@@ -158,12 +157,8 @@ class Args:
     """runs/<run_name>: filled in at runtime"""
 
 
-# ======================================================================================
-# Environment: multi-task POPGym, one gymnasium episode = one meta-rollout
-# ======================================================================================
+# ==== Environment: multi-task POPGym, one gymnasium episode = one meta-rollout ========================================
 OBS_PAD = 26  # every task's flattened observation fits in 26 features (paper App. B)
-
-
 POPGYM_CLASSES = {spec["id"].split("-")[1]: cls for cls, spec in popgym.envs.ALL.items()}  # ids: "popgym-<task>-v0"
 
 
@@ -173,13 +168,11 @@ def num_actions(space: gym.Space) -> int:
 
 
 class POPGymMetaEnv(gym.Env):
-    """One meta-rollout: a task drawn uniformly, then (one-shot) an exploration episode and a scored episode.
-
-    Observations are zero-padded to 26 features plus one feature saying whether the previous action was valid; actions
-    are padded to the largest action count of the chosen tasks, and an invalid index executes a uniformly random valid
-    action (paper App. B). The exploration episode's reward is shown to the policy (info["policy_reward"]) but the
-    reward returned for learning is 0; the task then restarts in a new random variant (a reset re-draws cards, goals
-    and noise)."""
+    """One meta-rollout: a task drawn uniformly, then (one-shot) an exploration episode and a scored episode. Observations
+    are zero-padded to 26 features plus a flag saying whether the previous action was valid; actions are padded to the
+    largest action count of the tasks, an invalid index plays a uniformly random valid action (paper App. B). The
+    exploration episode's reward is shown to the policy (info["policy_reward"]) but its learning reward is 0; the task
+    then restarts in a new random variant (a reset re-draws cards, goals and noise)."""
 
     def __init__(self, tasks: list[str], one_shot: bool = True, task: str | None = None, reward_scales: dict | None = None):
         self.tasks, self.one_shot, self.pinned = tasks, one_shot, task
@@ -215,14 +208,13 @@ class POPGymMetaEnv(gym.Env):
         self.returns[-1] += float(raw_reward)  # reported on the default scale
         reward = float(raw_reward) * self.reward_scales.get(self.task, 1.0)
         exploring = self.one_shot and self.episode == 0
-        info = {"policy_reward": reward, "new_episode": False}
+        info = {"policy_reward": reward, "new_episode": bool(terminated or truncated) and exploring}
         learn_reward = 0.0 if exploring else reward  # exploration reward: an input, never a target
-        if (terminated or truncated) and exploring:
+        if info["new_episode"]:
             # CRUCIAL: the end of the exploration episode is not a terminal; memory carries over
             self.episode, terminated, truncated = 1, False, False
             self.returns.append(0.0)
             raw, _ = self.env.reset()
-            info["new_episode"] = True
         if terminated or truncated:
             # CRUCIAL: the scored episode's end is the end of the protocol, a terminal even where POPGym signals it
             # by its time limit (truncated): nothing follows it to bootstrap from (official library: done)
@@ -234,8 +226,8 @@ class POPGymMetaEnv(gym.Env):
 
 
 def make_env(args: Args, env_idx: int, train: bool, task: str | None = None):
-    # seeds come from MetaRollouts.restart (train: args.seed + i, evaluation: a disjoint range); evaluation plays the
-    # training scales too (returns are reported on the default scale either way), so the policy sees what it learnt on
+    # seeds come from MetaRollouts.restart; evaluation plays the training scales too (returns are reported on the default
+    # scale either way), so the policy sees the rewards it learnt on
     scales = parse_reward_scales(args.reward_scales, POPGYM_TASKS)
     return lambda: POPGymMetaEnv(args.tasks, args.one_shot, task=task, reward_scales=scales)
 
@@ -283,9 +275,7 @@ def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
     return {"return_mean": float(np.mean([m["return"] for m in per_task.values()])), "normalised_score": float(np.mean(norm))}
 
 
-# ======================================================================================
-# Model (paper Sec. 3, Fig. 2): timestep encoder -> causal Transformer -> actor and critics
-# ======================================================================================
+# ==== Model (paper Sec. 3, Fig. 2): timestep encoder -> causal Transformer -> actor and critics =======================
 class InputNorm(nn.Module):
     """Running mean/std of the raw timestep input (official library: momentum 1e-4, bias-corrected)."""
 
@@ -301,8 +291,8 @@ class InputNorm(nn.Module):
                 valid = x.reshape(-1, x.shape[-1]) if mask is None else x[mask]
                 stats, n = mean_over_ranks(torch.cat([valid, valid.pow(2)], -1))  # E[x], E[x^2] over every rank
                 if n:
-                    for buffer, new in zip((self.mean, self.sq_mean), stats.chunk(2)):
-                        buffer.lerp_(new, self.momentum)
+                    for running, new in zip((self.mean, self.sq_mean), stats.chunk(2)):
+                        running.lerp_(new, self.momentum)
                     self.count += 1
         if self.count == 0:
             return x
@@ -370,7 +360,7 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(self.norm_attn_in(x)).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        if cache is None:  # training / full recompute: (B, H, L, dh), causal
+        if cache is None:  # training, or any full pass: (B, H, L, dh), causal
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # rollout: one new token per env attends to that env's cached keys and values
             k, v, valid = cache.write(self, k, v)
@@ -394,16 +384,12 @@ class KVCache:
         self.length = torch.zeros(num_envs, dtype=torch.long, device=device)  # tokens seen this meta-rollout
         self.context_len = context_len
 
-    def reset(self, envs: torch.Tensor):
-        self.length[envs] = 0
-
     def write(self, layer, k: torch.Tensor, v: torch.Tensor):
         envs = torch.arange(len(self.length), device=k.device)
         slot = self.length % self.context_len
         self.k[layer][envs, :, slot] = k[:, :, 0].float()
         self.v[layer][envs, :, slot] = v[:, :, 0].float()
-        filled = torch.clamp(self.length + 1, max=self.context_len)
-        valid = torch.arange(self.context_len, device=k.device)[None, :] < filled[:, None]  # (E, l)
+        valid = torch.arange(self.context_len, device=k.device)[None, :] <= self.length[:, None]  # (E, l): slots written
         return self.k[layer], self.v[layer], valid[:, None, None, :]
 
 
@@ -502,10 +488,9 @@ class CriticEnsemble(nn.Module):
 
 class PopArt(nn.Module):
     """One global (task-agnostic) PopArt layer per gamma (paper App. B): the output layer of the scalar critics of
-    --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic.
-
-    Statistics mu (init 0) and nu (init 100) track the TD targets; after each update the fixed w, b are rescaled so
-    the denormalised output sigma * (w x + b) + mu is unchanged."""
+    --critic-loss dep, and the scale by which the dependent actor loss (Eq. 2) normalises Q for either critic. Statistics
+    mu (init 0) and nu (init 100) track the TD targets; after each update the fixed w, b are rescaled so the
+    denormalised output sigma * (w x + b) + mu is unchanged."""
 
     def __init__(self, num_gammas: int, beta: float):
         super().__init__()
@@ -595,13 +580,10 @@ class Agent(nn.Module):
                 tp.lerp_(p, tau)
 
 
-# ======================================================================================
-# Losses (paper Sec. 3, App. B): TD target, critic Eqs. 1 / 3, actor Eqs. 2 / 4
-# ======================================================================================
+# ==== Losses (paper Sec. 3, App. B): TD target, critic Eqs. 1 / 3, actor Eqs. 2 / 4 ===================================
 def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
-    """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad.
-
-    As in the official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
+    """Each target critic's value of the target policy at t+1, (N, d) -> (N, G, C), denormalised, no grad. As in the
+    official library: for the dep actor (its DPG agent) the exact expectation over the target policy,
     sum_a pi'(a|h') Q_c(h', a); for the ind actor (its multi-task agent) the value of one sampled a' ~ pi'."""
     pi = agent.target_actor(h_next)  # G distributions over (N,): each gamma's own policy
     if actor_loss == "dep":
@@ -616,8 +598,7 @@ def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: to
     clipped double-Q, with the dep actor (official library, DPG agent). h_next: (N, d), reward / done: (N,) -> (N, G)."""
     with torch.no_grad():
         q = next_state_values(agent, h_next, args.actor_loss)  # (N, G, C)
-        pick = torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device)
-        q_two = q.gather(-1, pick)  # (N, G, 2)
+        q_two = q.gather(-1, torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device))  # (N, G, 2)
         q_bar = q_two.min(-1).values if args.actor_loss == "dep" else q_two.mean(-1)
         return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
 
@@ -639,7 +620,6 @@ def dpg_actor_loss(agent, h: torch.Tensor, pi) -> torch.Tensor:
     """Eq. 2, discrete: -min_c sum_a pi(a|h) Q_c(h, a), each critic's exact expectation over actions, then the
     pessimistic min over the ensemble (official library: the min is taken after the expectation), with Q standardised
     by the global PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
-
     CRUCIAL: Q is computed without grad on a detached state, so this loss trains only the actor (and, through the
     actor head, the Transformer) and never the critics."""
     with torch.no_grad():
@@ -727,9 +707,7 @@ def critic_vs_returns(q: torch.Tensor, batch: dict, valid: torch.Tensor, gammas:
     return {"losses/mc_return": mc[ends].mean(), "losses/q_minus_mc": (q[:, g].mean(-1).view(B, l) - mc)[ends].mean()}
 
 
-# ======================================================================================
-# Rollouts and evaluation
-# ======================================================================================
+# ==== Rollouts and evaluation =========================================================================================
 class MetaRollouts:
     """A vector env plus what each token needs beyond the observation: the previous action and reward, the reset bit d
     (1 at the first step of every inner episode), the absolute time index and the rollout id. With a buffer, every
@@ -755,7 +733,7 @@ class MetaRollouts:
         self.cur["prev_action"][idx], self.cur["prev_reward"][idx], self.cur["time"][idx] = NO_ACTION, 0.0, 0
         self.cur["reset"][idx] = 1.0  # the first step of a meta-rollout is the first step of an episode
         self.cur["rollout_id"][idx] = self.buffer.new_rollout_ids(len(idx)) if self.buffer else 0
-        self.cache.reset(torch.as_tensor(idx, device=self.device))
+        self.cache.length[torch.as_tensor(idx, device=self.device)] = 0  # empty the cache of these envs
         self._record(idx, np.zeros(len(idx), np.float32), np.zeros(len(idx), bool))
 
     def _record(self, idx: np.ndarray, reward: np.ndarray, terminal: np.ndarray):
@@ -828,9 +806,7 @@ def explore(actions: np.ndarray, eps: np.ndarray, action_space: gym.spaces.Discr
     return np.where(rng.random(len(actions)) < eps, random_actions, actions)
 
 
-# ======================================================================================
-# Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this
-# ======================================================================================
+# ==== Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this ===============================
 class Progress:
     """A tqdm bar over environment steps with updates, SPS, the recent return and an ETA: steps left at the measured
     collection rate plus updates left at the measured update rate ("estimating" until both are timed)."""
@@ -877,8 +853,7 @@ class Progress:
 
 
 def cpu_notice(args: Args, device: torch.device) -> str | None:
-    """One line where a CPU makes the run slow (the bar's ETA then says how slow): bf16 matmuls without AVX-512 are
-    emulated, and a paper-size model is a GPU job. None otherwise."""
+    """A line where a CPU makes the run slow (the bar's ETA says how slow): bf16 without AVX-512, a paper-size model."""
     if device.type == "cpu" and args.precision == "bf16" and torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
         return "note: --precision bf16 on a CPU without AVX-512 emulates bf16 matmuls, far slower than fp32; use fp32 here"
     if device.type == "cpu" and args.d_model >= Args.d_model:
@@ -890,7 +865,6 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
-# ---- torchrun: every rank runs this script on its own envs and replay shard; DDP averages the gradients ----
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the job's number of ranks, as torchrun sets them; (0, 1) under plain python."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -934,7 +908,6 @@ class Silent:
         return lambda *args, **kwargs: None
 
 
-# ---- checkpoints and flag checks ----
 def save_checkpoint(
     run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, global_step: int, updates: int, rng, args
 ):
@@ -964,9 +937,8 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
     """Restores everything save_checkpoint wrote; returns (global_step, updates)."""
     folder = os.path.join(run_dir, "checkpoint")
     state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
-    agent.load_state_dict(state["agent"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    for name, obj in [("agent", agent), ("optimizer", optimizer), ("scheduler", scheduler)]:
+        obj.load_state_dict(state[name])
     shard = os.path.join(folder, f"rank{rank_and_world()[0]}", state["buffer"])
     buffer.load(shard)
     saved_rng = torch.load(os.path.join(shard, "rng.pt"), weights_only=False)
@@ -987,7 +959,7 @@ def fail(message: str):
 
 def check_ranges(args: Args):
     """The valid range of every numeric flag of the shared core (the benchmark's own: check_env_args)."""
-    ranges = [  # (valid range, test, flags): NaN compares False, so it is refused too
+    ranges = [  # (valid range, test, flags)
         ("an integer >= 1", lambda x: x >= 1, "total_timesteps num_envs steps_per_epoch buffer_size batch_size context_len"),
         ("an integer >= 1", lambda x: x >= 1, "d_token d_model d_ff n_layers n_heads num_critics head_hidden crr_samples"),
         ("an integer >= 1", lambda x: x >= 1, "warmup_updates eps_anneal_steps eval_episodes checkpoint_every"),
@@ -1003,7 +975,7 @@ def check_ranges(args: Args):
     ]
     for valid, ok, names in ranges:
         for name in names.split():
-            if not ok(getattr(args, name)):
+            if not ok(getattr(args, name)):  # NaN compares False: refused too
                 fail(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: it must be {valid}")
 
 
@@ -1057,9 +1029,8 @@ if __name__ == "__main__":
     rng = np.random.default_rng(args.seed + rank)
     run_dir = f"runs/{args.run_name}"
 
-    envs = make_vector_env(
-        [make_env(args, rank * args.num_envs + i, train=True) for i in range(args.num_envs)], args.async_envs
-    )
+    thunks = [make_env(args, rank * args.num_envs + i, train=True) for i in range(args.num_envs)]
+    envs = make_vector_env(thunks, args.async_envs)
     eval_envs = make_vector_env(make_eval_envs(args), args.async_envs) if rank == 0 else None
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])

@@ -171,7 +171,7 @@ def test_kv_cache_per_env_lengths_and_reset():
     outs = []
     for i in range(12):
         if i == 5:
-            cache.reset(torch.tensor([1]))
+            cache.length[1] = 0  # env 1 starts a new meta-rollout: its cache is emptied
         outs.append(tr(tokens[:, i : i + 1], t[:, i : i + 1], cache)[:, 0])
     outs = torch.stack(outs, 1)
     assert torch.allclose(outs[0], tr(tokens[:1], t[:1])[0], atol=1e-4)
