@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import sqlite3
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -111,10 +112,13 @@ class ReplayBuffer:
     def footprint(self) -> str:
         """The start-up line: the expected full size (frames at ASSUMED_RATIO), and where the buffer lives."""
         where = f"on disk, memory-mapped in {self.path}" if self.path else "in RAM"
-        size = f"{self.nbytes / 2**30:.2f} GiB"
-        if self.frames:
-            size = f"~{self.expected / 2**30:.2f} GiB expected with {', '.join(self.frames)} zstd-compressed ({size} raw)"
-        return f"replay buffer: {self.rows * self.num_envs:,} timesteps, {size} {where}"
+        if not self.frames:
+            return f"replay buffer: {self.rows * self.num_envs:,} timesteps, {self.nbytes / 2**30:.2f} GiB {where}"
+        ratios = ", ".join(f"{name} ~{ASSUMED_RATIO.get(f.shape, 1.0):.0f}x" for name, f in self.frames.items())
+        return (
+            f"replay buffer: {self.rows * self.num_envs:,} timesteps {where}, ~{self.expected / 2**30:.2f} GiB when full "
+            f"({self.nbytes / 2**30:.2f} GiB raw; frames zstd-compressed, {ratios} expected: docs/memory.md)"
+        )
 
     def bytes_used(self) -> int:
         """What the buffer holds now: compressed chunks, each env's open chunk, and the other fields' rows written so far
@@ -336,7 +340,7 @@ class BlobsInRam:
 
     def __init__(self, num_chunks: int, num_envs: int):
         self.blobs = np.full(num_chunks * num_envs, None, dtype=object)
-        self.total = 0  # bytes of all blobs
+        self.total = 0  # bytes Python holds for all blobs (sys.getsizeof: the data and the object's header)
 
     def get(self, keys: np.ndarray) -> list:
         return self.blobs[keys].tolist()
@@ -344,7 +348,7 @@ class BlobsInRam:
     def put(self, keys: np.ndarray, blobs: list):
         for key, blob in zip(keys.tolist(), blobs):  # one by one: numpy would turn a list of bytes into np.bytes_
             old = self.blobs[key]
-            self.total += len(blob) - (0 if old is None else len(old))
+            self.total += sys.getsizeof(blob) - (0 if old is None else sys.getsizeof(old))
             self.blobs[key] = blob
 
     def nbytes(self) -> int:
@@ -363,7 +367,7 @@ class BlobsInRam:
         with open(prefix + ".zst", "rb") as f:
             for key in np.flatnonzero(sizes >= 0).tolist():
                 self.blobs[key] = f.read(sizes[key])
-        self.total = int(sizes[sizes > 0].sum())
+        self.total = sum(sys.getsizeof(b) for b in self.blobs if b is not None)
 
 
 class BlobsOnDisk:

@@ -141,7 +141,9 @@ def test_disk_buffer_resumes_without_the_rows_written_after_the_checkpoint(tmp_p
     assert again.data["rollout_id"].max() < saved_ids
     batch = again.sample(128, 12, np.random.default_rng(9))
     for b, t in zip(*np.nonzero(batch["mask"])):
-        np.testing.assert_array_equal(batch["image"][b, t], frame(batch["rollout_id"][b, t], batch["time"][b, t], shape, "random"))
+        np.testing.assert_array_equal(
+            batch["image"][b, t], frame(batch["rollout_id"][b, t], batch["time"][b, t], shape, "random")
+        )
 
 
 ATARI = {

@@ -8,6 +8,11 @@ benchmark (pooled: raw bytes / compressed bytes over all its games), the worst g
 speed in frames per second on one thread.
 
 python tests/tools/measure_frame_codecs.py [--frames 3000] [--units 1 4 8 16 32]
+
+--fill: instead, fill common/replay.py's buffer from the default game sets as the scripts run them (Atari: 30 envs,
+env i plays game i mod 10; Procgen: 16 envs, each meta-rollout draws its game), about --frames frames per game, and
+print the bytes per stored timestep and the projected size of the paper's buffers (8M, 18M easy, 80M memory-hard).
+python tests/tools/measure_frame_codecs.py --fill --frames 3000
 blosc2 is not a requirement: install it in a side folder to measure it (its deps pull httpx, pydantic, rich):
     pip install --no-deps --target /tmp/blosc2lib blosc2 ndindex msgpack ...; PYTHONPATH=/tmp/blosc2lib python ...
 """
@@ -15,6 +20,7 @@ blosc2 is not a requirement: install it in a side folder to measure it (its deps
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import lz4.block
@@ -23,7 +29,9 @@ import zstandard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import amago2_atari  # noqa: E402
+import amago2_babyai  # noqa: E402
 import amago2_procgen  # noqa: E402
+from common.replay import ReplayBuffer  # noqa: E402
 
 try:
     import blosc2
@@ -103,8 +111,11 @@ def main():
     p.add_argument("--frames", type=int, default=3000, help="frames per game")
     p.add_argument("--units", type=int, nargs="+", default=[1, 4, 8, 16, 32], help="frames compressed together")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fill", action="store_true", help="measure the replay buffer filled from the default game sets")
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
+    if args.fill:
+        return fill_all(args.frames, rng)
     sets = {
         "Atari (10 games)": {g: lambda g=g: atari_frames(g, args.frames, rng) for g in amago2_atari.GAMES},
         "Procgen easy": {g: lambda g=g: procgen_frames("easy", g, args.frames, rng) for g in PROCGEN_EASY},
@@ -146,15 +157,78 @@ def print_table(sets: dict, variants: list, results: dict):
         print(f"| {name} | {unit} |" + "".join(cells))
 
 
-def print_per_game(sets: dict, results: dict):
-    """Ratio per game for every unit of zstd-1 (the per-game view of the pooled table)."""
-    ks = sorted({v[1] for (_, v) in results if v[0] == "zstd-1"})
-    print("\n| game |" + "".join(f" zstd-1 x{k} |" for k in ks) + "".join(f" zstd-1 x{k} delta |" for k in ks if k > 1))
-    print("|---|" + "---|" * (2 * len(ks) - 1))
+def print_per_game(sets: dict, results: dict, codec: str = "zstd-3"):
+    """Ratio per game for every unit of one codec (common/replay.py's), and of lz4's 16-frame units."""
+    cols = sorted({v for (_, v) in results if v[0] == codec and not v[2]}) + [("lz4", 16, False)]
+    print("\n| game |" + "".join(f" {name} x{k} |" for name, k, _ in cols) + "\n|---|" + "---|" * len(cols))
     for s, games in sets.items():
         for g in games:
-            cols = [("zstd-1", k, False) for k in ks] + [("zstd-1", k, True) for k in ks if k > 1]
             print(f"| {g} |" + "".join(f" {results[(s, c)][g][0] / results[(s, c)][g][1]:.1f}x |" for c in cols))
+
+
+def fill(envs: list, buffer: ReplayBuffer, steps: int, rng: np.random.Generator):
+    """Write rollouts as MetaRollouts does: every env's step, then the first timestep of each new meta-rollout."""
+    E = len(envs)
+
+    def stack(observations: list) -> dict:
+        return {k: np.stack([o[k] for o in observations]) for k in observations[0]}
+
+    def write(idx, obs, action, prev_reward, reset, reward, terminal):
+        row = dict(prev_action=action, prev_reward=prev_reward, reset=reset, reward=reward, terminal=terminal)
+        buffer.add(obs | row | {"rollout_id": rid[idx], "time": t[idx]}, idx)
+
+    rid, t = buffer.new_rollout_ids(E), np.zeros(E, np.int64)
+    zeros = np.zeros(E, np.float32)
+    obs = stack([env.reset(seed=int(rng.integers(2**31)))[0] for env in envs])
+    write(np.arange(E), obs, np.zeros(E, np.int64), zeros, zeros + 1, zeros, np.zeros(E, bool))
+    for _ in range(steps):
+        actions = rng.integers(envs[0].action_space.n, size=E)
+        out = [env.step(a) for env, a in zip(envs, actions)]
+        reward = np.array([o[1] for o in out], np.float32)
+        terminal, done = np.array([o[2] for o in out]), np.array([o[2] or o[3] for o in out])
+        new_episode = np.array([o[4]["new_episode"] for o in out], np.float32)
+        t += 1
+        write(np.arange(E), stack([o[0] for o in out]), actions, reward, new_episode, reward, terminal)
+        for i in np.flatnonzero(done):
+            rid[i], t[i] = buffer.new_rollout_ids(1)[0], 0
+            first = stack([envs[i].reset()[0]])
+            write(np.array([i]), first, np.zeros(1, np.int64), zeros[:1], zeros[:1] + 1, zeros[:1], np.zeros(1, bool))
+    for env in envs:
+        env.close()
+
+
+def fill_all(frames_per_game: int, rng: np.random.Generator):
+    atari, procgen, babyai = amago2_atari.Args(), amago2_procgen.Args(), amago2_babyai.Args()
+    hard = amago2_procgen.Args(mode="memory-hard")
+    sets = [  # name, script, args, envs, games (BabyAI: 10 of its 50 tasks' worth of frames), paper capacity, on disk
+        ("Atari", amago2_atari, atari, atari.num_envs, len(atari.games), 8_000_000, False),
+        ("Procgen easy", amago2_procgen, procgen, procgen.num_envs, len(PROCGEN_EASY), 18_000_000, False),
+        ("Procgen memory-hard", amago2_procgen, hard, hard.num_envs, len(amago2_procgen.PROCGEN_GAMES), 80_000_000, True),
+        ("BabyAI", amago2_babyai, babyai, babyai.num_envs, 10, 10_000_000, False),
+    ]
+    print(
+        "| buffer | timesteps stored | bytes per timestep (frame compressed + other fields) | ratio | paper buffer | raw | "
+        "compressed |\n|---|---|---|---|---|---|---|"
+    )
+    for name, script, args, E, games, capacity, on_disk in sets:
+        envs = [script.make_env(args, i, train=True)() for i in range(E)]
+        steps = frames_per_game * games // E
+        fields = script.replay_fields(envs[0].observation_space, envs[0].action_space)
+        with tempfile.TemporaryDirectory() as folder:
+            buffer = ReplayBuffer(fields, (steps + 200) * E, E, path=folder if on_disk else None)
+            start = time.perf_counter()
+            fill(envs, buffer, steps, rng)
+            buffer.frames["image"].flush()  # every open chunk into the store: all frames counted compressed
+            stored, frame_bytes = buffer.num_timesteps(), int(np.prod(fields["image"][0]))
+            per_frame = buffer.frames["image"].store.nbytes() / stored
+            per_row = per_frame + buffer.row_bytes
+            raw_row = frame_bytes + buffer.row_bytes
+            print(
+                f"| {name} ({E} envs, {time.perf_counter() - start:.0f}s) | {stored:,} | {per_row:.0f} ({per_frame:.0f} + "
+                f"{buffer.row_bytes}) | {frame_bytes / per_frame:.1f}x | {capacity / 1e6:.0f}M{' on disk' if on_disk else ''} "
+                f"| {capacity * raw_row / 2**30:.1f} GiB | {capacity * per_row / 2**30:.1f} GiB |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
