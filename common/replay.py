@@ -28,7 +28,7 @@ import zstandard
 CHUNK = 16  # rows of one env's column compressed together: 2-3x the ratio of single frames (docs/memory.md)
 LEVEL = 3  # zstd's default level: a better ratio than 1 and as fast to decode; 6 encodes 3-4x slower for <= 15% more
 # Frame bytes / stored bytes of a buffer filled with random-policy rollouts of the default game sets, rounded down
-# (docs/memory.md: Atari 106x; Procgen easy 13.8x, memory-hard 11.2x: one entry per shape, the lower). It sizes the
+# (docs/memory.md: Atari 105x; Procgen easy 13.8x, memory-hard 11.2x: one entry per shape, the lower). It sizes the
 # start-up check and line; a trained policy's frames may compress less, so the real size is watched as the buffer fills.
 ASSUMED_RATIO = {(84, 84, 3): 100.0, (64, 64, 3): 10.0}
 RESERVE = 2**30  # bytes of free RAM (or disk) a filling buffer leaves to the rest of the run
