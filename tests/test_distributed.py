@@ -25,8 +25,8 @@ def shard(folder, rank: int, step: int) -> tuple[dict, np.ndarray]:
 
 def test_collectives_on_two_ranks(tmp_path):
     """What DDP training relies on, on 2 gloo ranks: PopArt and input statistics average rows, not ranks (rank 0 holds
-    1 and 2, rank 1 holds 6: mean 3, not 4.5); a NaN on one rank makes the all-reduced gradient norm NaN on both, so
-    the scripts' non-finite check stops every rank at the same update."""
+    1 and 2, rank 1 holds 6: mean 3, not 4.5); a NaN on one rank makes the gradient norm NaN on both once the gradients
+    are all-reduced (as DDP's backward does), so the scripts' non-finite check stops every rank at the same update."""
     (tmp_path / "check.py").write_text(
         "import torch, torch.distributed as dist\n"
         "import amago2_popgym as A\n"
@@ -34,8 +34,9 @@ def test_collectives_on_two_ranks(tmp_path):
         "r = dist.get_rank()\n"
         "x = torch.tensor([[1.0, 10.0], [2.0, 20.0]]) if r == 0 else torch.tensor([[6.0, 60.0]])\n"
         "mean, n = A.mean_over_ranks(x)\n"
-        "net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))\n"
+        "net = torch.nn.Linear(2, 1)\n"
         "net(torch.tensor([[float('nan') if r == 1 else 1.0, 1.0]])).sum().backward()\n"
+        "[dist.all_reduce(p.grad) for p in net.parameters()]\n"
         "norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)\n"
         "print(f'rank {r}: {mean.tolist()} {n} finite {bool(torch.isfinite(norm))}')\n"
         "dist.destroy_process_group()\n"
