@@ -52,15 +52,34 @@ def test_rates_from_the_per_epoch_scalars():
     assert got == pytest.approx({"updates/s": 10.0, "compile s": 1.0, "SPS (script)": 50.0, "env steps/s": 100.0})
 
 
-def test_torchrun_verdict_reads_every_ranks_digest(tmp_path):
-    path = str(tmp_path / "state.pt")
-    assert G.same_parameters(path, 2) == "no checkpoint written"
-    torch.save({"digest": [{"w": "a"}, {"w": "a"}]}, path)
-    assert G.same_parameters(path, 2) == "same parameters on all 2 ranks"
-    torch.save({"digest": [{"w": "a"}, {"w": "b"}]}, path)
-    assert G.same_parameters(path, 2).startswith("RANKS DIFFER")
-    torch.save({"digest": [{"w": "a"}]}, path)
-    assert "multi-rank check needs >= 2 GPUs" in G.same_parameters(path, 1)
+def test_torchrun_verdict_compares_every_ranks_agent_bitwise(tmp_path):
+    """Each rank's agent<r>.pt (what KEEP_AGENT saves) against the agent rank 0 saved in checkpoint/state.pt."""
+    assert G.same_parameters(str(tmp_path), 2) == "no checkpoint written"
+    (tmp_path / "checkpoint").mkdir()
+    agent = {"w": torch.arange(4.0), "popart.mu": torch.zeros(2)}
+    torch.save({"agent": agent}, tmp_path / "checkpoint" / "state.pt")
+    torch.save(agent, tmp_path / "agent0.pt")
+    assert G.same_parameters(str(tmp_path), 2) == "1 rank(s) saved their agent, expected 2"
+    torch.save({k: v.clone() for k, v in agent.items()}, tmp_path / "agent1.pt")
+    assert G.same_parameters(str(tmp_path), 2) == "same parameters on all 2 ranks"
+    nudged = agent["popart.mu"].clone()
+    nudged[1] = torch.nextafter(nudged[1], torch.tensor(1.0))  # one bit of one tensor
+    torch.save(agent | {"popart.mu": nudged}, tmp_path / "agent1.pt")
+    assert G.same_parameters(str(tmp_path), 2) == "RANKS DIFFER: different parameters (rank 1: popart.mu)"
+    torch.save({"w": agent["w"]}, tmp_path / "agent1.pt")  # a tensor missing counts too
+    assert G.same_parameters(str(tmp_path), 2).startswith("RANKS DIFFER")
+    assert "multi-rank check needs >= 2 GPUs" in G.same_parameters(str(tmp_path), 1)
+
+
+def test_keep_agent_saves_the_rank_s_agent_after_the_script(tmp_path):
+    """The wrapper each torchrun rank runs: the script runs as __main__ with its own argv, then its agent is saved."""
+    (tmp_path / "script.py").write_text(
+        "import sys, torch\nagent = torch.nn.Linear(2, int(sys.argv[1]))\nassert __name__ == '__main__'\n"
+    )
+    env = dict(os.environ, RANK="1")
+    out = subprocess.run([sys.executable, "-c", G.KEEP_AGENT, str(tmp_path), str(tmp_path / "script.py"), "3"], env=env)
+    assert out.returncode == 0
+    assert torch.load(tmp_path / "agent1.pt")["weight"].shape == (3, 2)
 
 
 def test_gpu_plan_runs_every_script_three_ways_then_memory_hard():
@@ -72,6 +91,7 @@ def test_gpu_plan_runs_every_script_three_ways_then_memory_hard():
     ddp = next(r for r, _ in rows if r.nproc)
     cmd = G.command(ddp, G.Sizes(envs=4, steps=10, epochs=2, updates=3, context=8, batch=2), "cuda")
     assert "--nproc-per-node=2" in cmd and "--save-model" in cmd
+    assert cmd[cmd.index("-c") + 1 :][:3] == [G.KEEP_AGENT, f"runs/{ddp.run_name}", os.path.join(ROOT, "amago2_popgym.py")]
     assert cmd[cmd.index("--total-timesteps") + 1] == str(2 * 4 * 10 * 2)  # the steps of both ranks
     quick = G.plan(G.SCRIPTS, quick=True, gpu=True, nproc=1)
     assert sum(reason is None and r.compile for r, reason in quick) == 1  # one compile row in --quick

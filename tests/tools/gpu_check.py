@@ -58,6 +58,11 @@ CPU_ENV_FLAGS = {
 }
 TINY_MODEL = "--d-model 32 --d-ff 64 --n-layers 1 --n-heads 2 --d-token 24 --num-bins 16 --head-hidden 32".split()
 NEEDS_GPU = "needs a GPU"
+# python -c KEEP_AGENT DIR SCRIPT FLAGS...: run the script, then save this rank's agent as DIR/agent<rank>.pt
+KEEP_AGENT = (  # double quotes only: the printed command stays readable
+    'import os, runpy, sys, torch; out, *sys.argv = sys.argv[1:]; agent = runpy.run_path(sys.argv[0], run_name="__main__")'
+    '["agent"]; torch.save(agent.state_dict(), os.path.join(out, "agent" + os.environ["RANK"] + ".pt"))'
+)
 COLUMNS = [
     "run",
     "precision",
@@ -163,6 +168,8 @@ def cpu_sizes() -> Sizes:
 def command(row: Row, sizes: Sizes, device: str) -> list:
     """The script's command line. Only flags of long standing: the scripts are being refactored."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={row.nproc}"] if row.nproc else []
+    if row.nproc:  # each rank runs the script through KEEP_AGENT, which saves that rank's agent in the run's folder
+        launcher += ["--no-python", sys.executable, "-c", KEEP_AGENT, f"runs/{row.run_name}"]
     flags = [
         *("--device", device, "--precision", row.precision, "--run-name", row.run_name),
         *(["--compile"] if row.compile else []),
@@ -174,7 +181,7 @@ def command(row: Row, sizes: Sizes, device: str) -> list:
     if device == "cpu":
         flags += [*TINY_MODEL, "--context-len", str(sizes.context), "--batch-size", str(sizes.batch)]
     if row.nproc:
-        flags.append("--save-model")  # state.pt holds every rank's digest of its parameters
+        flags.append("--save-model")  # state.pt holds rank 0's agent, the one every rank's is compared with
     return [sys.executable, *launcher, os.path.join(ROOT, f"amago2_{row.script}.py"), *flags]
 
 
@@ -273,18 +280,21 @@ def outcome(code: int | None, out: str, err: str, timeout: float) -> tuple[str, 
     return "yes", ""
 
 
-def same_parameters(state_path: str, nproc: int) -> str:
-    """What state.pt says of the ranks: each rank's sha256 digest of every agent tensor, taken on that rank."""
+def same_parameters(run_dir: str, nproc: int) -> str:
+    """Whether every rank's agent, saved by KEEP_AGENT as <run_dir>/agent<rank>.pt after the script finished, is bitwise
+    the agent rank 0 saved in checkpoint/state.pt: the same tensors, every parameter and buffer."""
+    state_path = os.path.join(run_dir, "checkpoint", "state.pt")
     if not os.path.exists(state_path):
         return "no checkpoint written"
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    digests = state.get("digest")
-    if not digests:
-        return "n/a: state.pt holds no per-rank digest"
-    if len(digests) != nproc:
-        return f"state.pt holds {len(digests)} rank(s), expected {nproc}"
-    if any(d != digests[0] for d in digests):
-        return "RANKS DIFFER: different parameters"
+    saved = torch.load(state_path, map_location="cpu", weights_only=False)["agent"]
+    paths = [os.path.join(run_dir, f"agent{r}.pt") for r in range(nproc)]
+    if not all(os.path.exists(p) for p in paths):
+        return f"{sum(map(os.path.exists, paths))} rank(s) saved their agent, expected {nproc}"
+    for r, path in enumerate(paths):
+        agent = torch.load(path, map_location="cpu")
+        differ = sorted(agent.keys() ^ saved.keys()) or [k for k, v in agent.items() if not torch.equal(v, saved[k])]
+        if differ:
+            return f"RANKS DIFFER: different parameters (rank {r}: {', '.join(differ[:3])})"
     if nproc == 1:
         return "1 GPU: ran 1 rank (no nccl); the multi-rank check needs >= 2 GPUs"
     return f"same parameters on all {nproc} ranks"
@@ -311,8 +321,7 @@ def measure(row: Row, sizes: Sizes, device: str, workdir: str, timeout: float, l
     cells |= {"peak alloc GiB": float(peak.group(1)) if peak else None, "peak used GiB": mem.gib()}
     cells |= {"losses finite": finite, "wall s": seconds, "note": note}
     if row.nproc and code == 0:
-        checkpoint = os.path.join(workdir, "runs", row.run_name, "checkpoint", "state.pt")
-        cells["note"] = same_parameters(checkpoint, row.nproc) + "; peaks: all ranks together"
+        cells["note"] = same_parameters(os.path.join(workdir, "runs", row.run_name), row.nproc) + "; peaks: all ranks together"
     log.flush()
     return cells
 
