@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.replay import ReplayBuffer, trim_padding
+from common.replay import Prefetcher, ReplayBuffer, ReplayMemoryError, trim_padding
 from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 
 
@@ -987,7 +987,7 @@ def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuf
 def fail(message: str):
     """Bad input: a clear message and exit code 2, no traceback (under torchrun every rank exits, rank 0 says why)."""
     if rank_and_world()[0] == 0:
-        print(f"error: {message}", file=sys.stderr)
+        tqdm.write(f"error: {message}", file=sys.stderr)  # on a line of its own, above a progress bar if one is drawn
     sys.exit(2)
 
 
@@ -1086,6 +1086,7 @@ if __name__ == "__main__":
     except OSError as e:  # the buffer creates its folder and files
         fail(f"--buffer-dir {args.buffer_dir} cannot be created or written ({e.strerror}): choose a folder you can write to")
     say(buffer.footprint())
+    prefetch = Prefetcher(buffer)  # decodes the next batch in a thread while an update runs
     global_step, updates = 0, 0  # environment steps and gradient updates so far
     if args.resume:
         global_step, updates = load_checkpoint(run_dir, agent, optimizer, scheduler, buffer, rng)
@@ -1115,7 +1116,12 @@ if __name__ == "__main__":
             step_start = time.time()
             eps, eps_last = epsilon(args, global_step) * eps_mult, rollout_end_epsilon(args, global_step) * eps_mult
             actions = explore(rollouts.act(agent), eps, action_space, rng, rollouts.cur["time"], eps_last, args)
-            finished, done = rollouts.step(actions)
+            try:
+                finished, done = rollouts.step(actions)
+            except ReplayMemoryError as e:  # the filling buffer would outgrow free RAM or disk: stop before the OS kills us
+                if args.save_model and world == 1:  # under torchrun the other ranks would wait in the checkpoint's barrier
+                    save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, global_step, updates, rng, args)
+                fail(str(e))
             global_step += args.num_envs * world  # --total-timesteps counts the steps of every rank
             for i, task, metrics in finished:
                 for k, v in metrics.items():
@@ -1129,13 +1135,13 @@ if __name__ == "__main__":
                 break
         writer.add_scalar("charts/epsilon", epsilon(args, global_step), global_step)
         writer.add_scalar("charts/SPS", progress.sps(), global_step)
+        writer.add_scalar("charts/replay_gib", buffer.bytes_used() / 2**30, global_step)
 
         # ---- update: updates_per_epoch gradient steps on windows of l+1 timesteps ----
         agent.train()
-        update_start = time.time()
-        for _ in range(args.updates_per_epoch):
-            update_step_start = time.time()
-            batch = trim_padding(buffer.sample(args.batch_size, args.context_len + 1, rng))  # (B, <= l+1)
+        update_start = step_start = time.time()
+        for batch in prefetch.batches(args.updates_per_epoch, args.batch_size, args.context_len + 1, rng):
+            batch = trim_padding(batch)  # (B, <= l+1)
             batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             with autocast:
                 loss, metrics = learner(batch, args)  # compute_losses
@@ -1149,7 +1155,8 @@ if __name__ == "__main__":
             scheduler.step()
             agent.ema_update(args.tau)
             updates += 1
-            progress.update(time.time() - update_step_start)  # long update phases (CPU, paper sizes) keep reporting
+            progress.update(time.time() - step_start)  # long update phases (CPU, paper sizes) keep reporting
+            step_start = time.time()
         if args.updates_per_epoch:
             for k, v in metrics.items():
                 writer.add_scalar(k, v.item(), global_step)

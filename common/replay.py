@@ -376,10 +376,13 @@ class BlobsOnDisk:
 
     def __init__(self, path: str, name: str):
         self.file = os.path.join(path, f"{name}.sqlite")
-        self.db = sqlite3.connect(self.file, isolation_level=None, check_same_thread=False)  # autocommit
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS chunks (key INTEGER PRIMARY KEY, blob BLOB NOT NULL)")
+        try:
+            self.db = sqlite3.connect(self.file, isolation_level=None, check_same_thread=False)  # autocommit
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS chunks (key INTEGER PRIMARY KEY, blob BLOB NOT NULL)")
+        except sqlite3.Error as e:  # an unwritable folder: the same error as the memory-mapped arrays give
+            raise OSError(13, str(e), self.file) from e
         self.lock = threading.Lock()  # the prefetch thread reads while the main thread may write
 
     def get(self, keys: np.ndarray) -> list:

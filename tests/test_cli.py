@@ -68,7 +68,7 @@ SCRIPTS = {
         bad=[
             (["--games", "Breakout", "NotAGame"], "unknown Atari game"),
             (["--num-envs", "3"], "must be a multiple of the 2 games"),
-            (["--buffer-size", "1000000000"], "GiB of RAM but only"),
+            (["--buffer-size", "1000000000"], "GiB of RAM (frames compressed"),
             (["--augment-fraction", "1.5"], "--augment-fraction must be in [0, 1]"),
         ],
     ),
@@ -131,8 +131,8 @@ def test_bf16_async_disk_buffer(name, tmp_path):
     if "variant_out" in SCRIPTS[name]:
         assert SCRIPTS[name]["variant_out"] in out.stdout
     assert f"done: {SCRIPTS[name]['steps']} steps, 4 updates" in out.stdout
-    if os.path.exists(tmp_path / "buf" / "image.npy"):  # pixels are stored as uint8, one (H, W, 3) frame per step
-        assert np.load(tmp_path / "buf" / "image.npy", mmap_mode="r").dtype == np.uint8
+    if name in ("atari", "procgen"):  # frames are stored compressed, in an SQLite file beside the other fields
+        assert (tmp_path / "buf" / "image.sqlite").exists() and not (tmp_path / "buf" / "image.npy").exists()
     rollout_id = np.load(tmp_path / "buf" / "rollout_id.npy", mmap_mode="r")
     stored = rollout_id[rollout_id >= 0]  # every step is stored, plus each meta-rollout's first observation
     assert rollout_id.shape[1] == 2 and len(stored) == SCRIPTS[name]["steps"] + len(np.unique(stored))
@@ -186,3 +186,26 @@ def test_bad_flags_exit_with_a_clear_message(name, flags, message, tmp_path):
     out = run(name, [*tiny(name), *flags], tmp_path)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_buffer_outgrowing_free_memory_stops_with_a_checkpoint(tmp_path):
+    """The replay buffer's memory guard from the command line: free RAM (faked) that is plenty at start-up and gone once
+    the buffer fills stops the run with one error line, and --save-model leaves a checkpoint to resume from."""
+    (tmp_path / "low_ram.py").write_text(
+        "import runpy, sys\n"
+        "import common.replay as replay\n"
+        "calls = []\n"
+        "def free():  # the start-up check sees 1 TB, every later check none\n"
+        "    calls.append(1)\n"
+        "    return 10**12 if len(calls) == 1 else 0\n"
+        "replay.available_ram_bytes = free\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "amago2_atari.py")
+    out = run_script(str(tmp_path / "low_ram.py"), [script, *tiny("atari"), "--save-model", "--run-name", "r"], tmp_path)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "GiB more to fill" in errors[0] and "Traceback" not in out.stderr
+    state = torch.load(tmp_path / "runs" / "r" / "checkpoint" / "state.pt", weights_only=False)
+    assert state["counters"]["updates"] == 0 and 0 < state["counters"]["global_step"] < SCRIPTS["atari"]["steps"]
