@@ -114,8 +114,8 @@ class Args:
     """reward scale inside the loss only (official library's BabyAI launch: 1000)"""
     crr_samples: int = 3
     """policy samples in the CRR advantage baseline (official library)"""
-    crr_threshold: float = -1e-4
-    """CRR keeps buffer actions with advantage above this (Eq. 4 reads 0; official library: many paper runs used -1e-4)"""
+    crr_threshold: float = 0.0
+    """CRR keeps buffer actions with advantage above this (paper Eq. 4: 0; the official -1e-4: docs/differences.md)"""
     popart_beta: float = 5e-4
     """rate of the global PopArt statistics (dep critic output, dep actor Q scale) (official library)"""
     learning_rate: float = 1e-4
