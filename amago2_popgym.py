@@ -28,9 +28,8 @@ from common.twohot import bin_supports, bins_to_scalar, symlog, twohot
 warnings.filterwarnings("ignore", module="gym")  # popgym imports the legacy gym package, which warns on import
 import popgym  # noqa: E402
 
-# The 27 tasks of the paper (App. B: spaces of dimension < 30), each with the mean return of a uniformly random policy
-# over 200 episodes (tests/tools/measure_popgym_random.py): the normalised score maps it to 0 and POPGym's maximum return
-# 1.0 to 1 (returns lie in [-1, 1]); the paper's 1 is the best single-task result of Morad et al., only shown as a figure.
+# The paper's 27 tasks (App. B) with a uniformly random policy's mean return over 200 episodes (measure_popgym_random.py):
+# the normalised score maps it to 0 and POPGym's maximum return 1.0 to 1 (the paper's 1: Morad et al.'s best, a figure).
 # fmt: off
 RANDOM_RETURNS = {
     "AutoencodeEasy": -0.515, "AutoencodeMedium": -0.5, "AutoencodeHard": -0.498,
@@ -169,10 +168,9 @@ def num_actions(space: gym.Space) -> int:
 
 class POPGymMetaEnv(gym.Env):
     """One meta-rollout: a task drawn uniformly, then (one-shot) an exploration episode and a scored episode. Observations
-    are zero-padded to 26 features plus a flag saying whether the previous action was valid; actions are padded to the
-    largest action count of the tasks, an invalid index plays a uniformly random valid action (paper App. B). The
-    exploration episode's reward is shown to the policy (info["policy_reward"]) but its learning reward is 0; the task
-    then restarts in a new random variant (a reset re-draws cards, goals and noise)."""
+    are zero-padded to 26 features plus a valid-previous-action flag; an action index past the task's own plays a random
+    valid action (paper App. B). The exploration episode's reward is shown to the policy (info["policy_reward"]) but its
+    learning reward is 0; the task then restarts in a new random variant (a reset re-draws cards, goals and noise)."""
 
     def __init__(self, tasks: list[str], one_shot: bool = True, task: str | None = None, reward_scales: dict | None = None):
         self.tasks, self.one_shot, self.pinned = tasks, one_shot, task
@@ -226,8 +224,7 @@ class POPGymMetaEnv(gym.Env):
 
 
 def make_env(args: Args, env_idx: int, train: bool, task: str | None = None):
-    # seeds come from MetaRollouts.restart; evaluation plays the training scales too (returns are reported on the default
-    # scale either way), so the policy sees the rewards it learnt on
+    # seeds come from MetaRollouts.restart; evaluation plays the training reward scales the policy learnt on
     scales = parse_reward_scales(args.reward_scales, POPGYM_TASKS)
     return lambda: POPGymMetaEnv(args.tasks, args.one_shot, task=task, reward_scales=scales)
 
@@ -693,10 +690,9 @@ def monte_carlo_returns(reward: torch.Tensor, valid: torch.Tensor, gammas: torch
 
 
 def critic_vs_returns(q: torch.Tensor, batch: dict, valid: torch.Tensor, gammas: torch.Tensor, args: Args) -> dict:
-    """Diagnostic: the critics' mean Q of the acting gamma against the discounted return that actually followed, over
-    the windows that reach their rollout's end. That return is the behaviour policy's, exploration included: a scalar
-    (dep) critic's Q approaches it as values propagate. The two-hot critic's Q is symexp of an expectation in symlog
-    space, far below the mean return wherever the outcome is uncertain (30% of 900 is worth 6.7). q: (N, G, C)."""
+    """Diagnostic: the critics' mean Q of the acting gamma against the discounted return (of the behaviour policy) that
+    followed, in windows that reach their rollout's end. A scalar critic's Q approaches it as values propagate; the
+    two-hot Q, symexp of an expectation in symlog space, stays far below it under uncertain outcomes. q: (N, G, C)."""
     B, l = batch["reward"][:, 1:].shape
     valid = valid.view(B, l)
     ends = valid & (batch["terminal"][:, 1:].bool() & valid).any(1, keepdim=True)  # (B, l): returns fully observed
@@ -1147,9 +1143,8 @@ if __name__ == "__main__":
         + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "")
         + f"; final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
     )
-    envs.close()
-    if eval_envs is not None:
-        eval_envs.close()
+    for vector_env in filter(None, (envs, eval_envs)):  # eval_envs: rank 0 only
+        vector_env.close()
     writer.close()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -812,10 +812,9 @@ def monte_carlo_returns(reward: torch.Tensor, valid: torch.Tensor, gammas: torch
 
 
 def critic_vs_returns(q: torch.Tensor, batch: dict, valid: torch.Tensor, gammas: torch.Tensor, args: Args) -> dict:
-    """Diagnostic: the critics' mean Q of the acting gamma against the discounted return that actually followed, over
-    the windows that reach their rollout's end. That return is the behaviour policy's, exploration included: a scalar
-    (dep) critic's Q approaches it as values propagate. The two-hot critic's Q is symexp of an expectation in symlog
-    space, far below the mean return wherever the outcome is uncertain (30% of 900 is worth 6.7). q: (N, G, C)."""
+    """Diagnostic: the critics' mean Q of the acting gamma against the discounted return (of the behaviour policy) that
+    followed, in windows that reach their rollout's end. A scalar critic's Q approaches it as values propagate; the
+    two-hot Q, symexp of an expectation in symlog space, stays far below it under uncertain outcomes. q: (N, G, C)."""
     B, l = batch["reward"][:, 1:].shape
     valid = valid.view(B, l)
     ends = valid & (batch["terminal"][:, 1:].bool() & valid).any(1, keepdim=True)  # (B, l): returns fully observed
@@ -1272,9 +1271,8 @@ if __name__ == "__main__":
         + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else "")
         + f"; final eval: {', '.join(f'{k} {v:.3f}' for k, v in summary.items())}; TensorBoard: tensorboard --logdir runs"
     )
-    envs.close()
-    if eval_envs is not None:
-        eval_envs.close()
+    for vector_env in filter(None, (envs, eval_envs)):  # eval_envs: rank 0 only
+        vector_env.close()
     writer.close()
     if dist.is_initialized():
         dist.destroy_process_group()
