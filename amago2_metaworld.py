@@ -209,7 +209,7 @@ class MetaWorldMetaEnv(gym.Env):
         obs, _ = self.sim.reset()
         self.episode, self.t = 0, 0
         self.successes = np.zeros(self.k)  # per attempt: 1 if any step of that episode succeeded
-        self.total_return = 0.0
+        self.returns = np.zeros(self.k)  # per attempt: the episode's return (attempt k against 1: adaptation)
         return {"obs": obs.astype(np.float32)}, {"new_episode": True, "policy_reward": 0.0}
 
     def step(self, action):
@@ -217,7 +217,7 @@ class MetaWorldMetaEnv(gym.Env):
         obs, reward, _, _, raw_info = self.sim.step(np.clip(action, -1.0, 1.0))
         reward = float(reward)  # raw Meta-World reward, no multiplier (that lives in the loss)
         self.t += 1
-        self.total_return += reward
+        self.returns[self.episode] += reward
         self.successes[self.episode] = max(self.successes[self.episode], float(raw_info["success"]))
         info = {"policy_reward": reward, "new_episode": False}
         terminated = False
@@ -233,9 +233,9 @@ class MetaWorldMetaEnv(gym.Env):
                 # terminated = truncated = current_trial >= k): values stay finite-horizon over the k attempts
                 terminated = True
                 info["task"] = self.prefix + self.task
-                info["metrics"] = {f"success_{i + 1}": float(s) for i, s in enumerate(self.successes)}
-                info["metrics"]["success"] = float(self.successes.mean())
-                info["metrics"]["return"] = self.total_return
+                metrics = {f"success_{i + 1}": float(s) for i, s in enumerate(self.successes)}
+                metrics |= {f"return_{i + 1}": float(r) for i, r in enumerate(self.returns)}
+                info["metrics"] = metrics | {"success": float(self.successes.mean()), "return": float(self.returns.sum())}
         return {"obs": obs.astype(np.float32)}, reward, terminated, False, info
 
     def close(self):

@@ -24,3 +24,19 @@ def test_demo_command_names_each_flag_once_and_is_valid(name, config):
     script = importlib.import_module(bench["script"].removesuffix(".py"))
     args = script.resolve_args(tyro.cli(script.Args, args=flags))  # exits with code 2 on a bad value
     assert args.total_timesteps < script.Args.total_timesteps  # a CPU demo, not the paper-size run
+
+
+def test_adaptation_gain_is_the_last_attempt_minus_the_first_over_the_second_half(tmp_path, monkeypatch):
+    """Four evaluations with attempt-1 returns 1, 2, 3, 4 and attempt-3 returns 1, 4, 9, 16: the second half's gains
+    are 9 - 3 and 16 - 4; a run that never logged per-attempt returns gives none."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setattr(bench_learning, "ROOT", str(tmp_path))
+    writer = SummaryWriter(str(tmp_path / "runs" / "gain"))
+    for step, r in enumerate([1.0, 2.0, 3.0, 4.0]):
+        writer.add_scalar("eval/train/return_1", r, step)
+        writer.add_scalar("eval/train/return_3", r * r, step)
+    writer.close()
+    gains = bench_learning.adaptation_gain("gain", "eval/train/return_1", "eval/train/return_3")
+    assert gains.tolist() == [6.0, 12.0]
+    assert bench_learning.adaptation_gain("gain", "eval/train/return_1", "eval/test/return_3").size == 0

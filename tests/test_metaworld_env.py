@@ -136,14 +136,16 @@ def test_train_and_test_variants_differ():
 
 def test_success_bookkeeping(ml1_env):
     metrics = rollout(ml1_env, seed=4)[-1]["info"]["metrics"]
-    assert set(metrics) == {"success_1", "success_2", "success_3", "success", "return"}
+    assert set(metrics) == {"success_1", "success_2", "success_3", "success", "return", "return_1", "return_2", "return_3"}
     assert all(type(v) is float for v in metrics.values())
+    assert metrics["return"] == pytest.approx(sum(metrics[f"return_{i}"] for i in range(1, K + 1)))
     assert all(0.0 <= metrics[f"success_{i}"] <= 1.0 for i in range(1, K + 1))
     assert metrics["success"] == pytest.approx(np.mean([metrics[f"success_{i}"] for i in range(1, K + 1)]))
 
 
 def test_success_counts_any_step_per_attempt(ml1_env, monkeypatch):
-    """Force the raw env's success flag on one step of attempt 2 only: success_2 = 1, others 0."""
+    """Force the raw env's success flag on one step of attempt 2 only: success_2 = 1, others 0; reward i per step in
+    attempt i: each attempt's return is its own."""
     ml1_env.reset(seed=5)
     real_step = ml1_env.sim.step
     calls = {"n": 0}
@@ -151,7 +153,8 @@ def test_success_counts_any_step_per_attempt(ml1_env, monkeypatch):
     def fake_step(action):
         obs, r, te, tr, info = real_step(action)
         calls["n"] += 1
-        return obs, 1.0, te, tr, dict(info, success=float(calls["n"] == EP_LEN + 3))
+        attempt = (calls["n"] - 1) // EP_LEN + 1
+        return obs, float(attempt), te, tr, dict(info, success=float(calls["n"] == EP_LEN + 3))
 
     monkeypatch.setattr(ml1_env.sim, "step", fake_step)
     while True:
@@ -161,13 +164,14 @@ def test_success_counts_any_step_per_attempt(ml1_env, monkeypatch):
     m = info["metrics"]
     assert (m["success_1"], m["success_2"], m["success_3"]) == (0.0, 1.0, 0.0)
     assert m["success"] == pytest.approx(1 / 3)
-    assert m["return"] == pytest.approx(K * EP_LEN * 1.0)  # total return over all k episodes
+    assert [m[f"return_{i}"] for i in range(1, K + 1)] == pytest.approx([EP_LEN * i for i in range(1, K + 1)])
+    assert m["return"] == pytest.approx(EP_LEN * K * (K + 1) / 2)  # total return over all k episodes
 
 
 def test_k_attempt_keys_general():
     env = MetaWorldMetaEnv("ML1", "reach-v3", k_episodes=2, episode_length=3, seed=0)
     m = rollout(env, seed=0)[-1]["info"]["metrics"]
-    assert set(m) == {"success_1", "success_2", "success", "return"}
+    assert set(m) == {"success_1", "success_2", "success", "return", "return_1", "return_2"}
 
 
 @pytest.fixture

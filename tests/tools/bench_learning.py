@@ -106,10 +106,17 @@ BENCHMARKS = {
             "ind/ind": [*METAWORLD_DEMO, "--total-timesteps", "100000"],
             "ind/ind thr-1e-4": [*METAWORLD_DEMO, "--total-timesteps", "100000", "--crr-threshold", "-1e-4"],
             "ind/dep": [*METAWORLD_DEMO, "--total-timesteps", "200000", "--critic-loss", "dep"],
+            # the paper's update with 4x the 100k run's updates: twice the steps, twice the updates per step
+            "ind/ind 200k 2x updates": [
+                *with_flag(METAWORLD_DEMO, "--updates-per-epoch", "96"),
+                "--total-timesteps",
+                "200000",
+            ],
         },
         metric="eval/train/return",
         label="3-attempt return (ML1 reach-v3, training goals)",
         extra=["eval/train/success", "eval/train/success_1", "eval/train/success_3", "eval/test/success", "eval/test/return"],
+        adaptation=("eval/train/return_1", "eval/train/return_3"),  # k = 3: does attempt 3 beat attempt 1?
     ),
     "procgen": dict(script="amago2_procgen.py",
                     configs={"ind/ind": PROCGEN_DEMO, "ind/dep": [*PROCGEN_DEMO, "--critic-loss", "dep"]},
@@ -167,6 +174,15 @@ def read_curve(name: str, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
     return np.array([e.step for e in events]), np.array([e.value for e in events]), (events[-1].wall_time - start) / 60
 
 
+def adaptation_gain(name: str, first: str, last: str) -> np.ndarray:
+    """Last attempt's return minus the first's at each evaluation in the second half of a run (empty if not logged)."""
+    tags = scalars(name).Tags()["scalars"]
+    if first not in tags or last not in tags:
+        return np.array([])
+    gains = read_curve(name, last)[1] - read_curve(name, first)[1]
+    return gains[len(gains) // 2 :]
+
+
 def per_task_final(name: str) -> dict[str, float]:
     """Each task's last evaluation return (POPGym: eval/<task>/return)."""
     acc = scalars(name)
@@ -210,7 +226,7 @@ def diagnostics_by_fifth(name: str) -> dict[str, list[float]]:
     return out
 
 
-def plot(benchmark: str, spec: dict, curves: dict, random_level: float):
+def plot(benchmark: str, spec: dict, curves: dict, random_level: float, figure: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +253,7 @@ def plot(benchmark: str, spec: dict, curves: dict, random_level: float):
     ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.join(ROOT, "docs", "figures"), exist_ok=True)
-    path = os.path.join(ROOT, "docs", "figures", f"{benchmark}.png")
+    path = os.path.join(ROOT, "docs", "figures", f"{figure}.png")
     fig.savefig(path, dpi=120)
     print(f"figure: {os.path.relpath(path, ROOT)}")
 
@@ -248,15 +264,23 @@ def main():
     parser.add_argument("--seeds", type=int, default=2, help="seeds 1..N per config (default 2)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once, one torch thread each (default 1)")
     parser.add_argument("--report-only", action="store_true", help="read the existing runs/ instead of training")
-    parser.add_argument("--config", help="train only this config of the benchmark (the report covers every config run)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="only this config (repeatable): trained, or with --report-only "
+        "reported; by default every config is trained and the report covers every config run",
+    )
+    parser.add_argument("--figure", help="figure name under docs/figures (default: the benchmark's name)")
     opts = parser.parse_args()
     spec = BENCHMARKS[opts.benchmark]
+    for config in set(opts.config or []) - set(spec["configs"]):
+        parser.error(f"--config {config!r} is not a config of {opts.benchmark}; its configs: {', '.join(spec['configs'])}")
     os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
     jobs = [(config, flags, seed) for config, flags in spec["configs"].items() for seed in range(1, opts.seeds + 1)]
     if not opts.report_only:
         procs = {}
         for config, flags, seed in jobs:
-            if opts.config and config != opts.config:
+            if opts.config and config not in opts.config:
                 continue
             while sum(p.poll() is None for p in procs.values()) >= opts.parallel:
                 time.sleep(5)
@@ -267,6 +291,8 @@ def main():
             sys.exit(f"runs failed (see runs/<name>.log): {failed}")
 
     jobs = [job for job in jobs if os.path.isdir(os.path.join(ROOT, "runs", run_name(opts.benchmark, job[0], job[2])))]
+    if opts.report_only and opts.config:
+        jobs = [job for job in jobs if job[0] in opts.config]
     first_flags = next(iter(spec["configs"].values()))
     reference = random_reference(spec["script"], first_flags)
     random_level = reference[spec["metric"].removeprefix("eval/")]
@@ -280,13 +306,23 @@ def main():
     print("|---|---|---|---|---|---|" + "---|" * len(extra))
     for config, runs in curves.items():
         for seed, (steps, values, minutes) in sorted(runs.items()):
-            finals = [read_curve(run_name(opts.benchmark, config, seed), tag)[1][-1] for tag in extra]
+            logged = scalars(run_name(opts.benchmark, config, seed)).Tags()["scalars"]
+            finals = [read_curve(run_name(opts.benchmark, config, seed), t)[1][-1] if t in logged else None for t in extra]
             print(
                 f"| {config} | {seed} | {steps[-1]:,} | {minutes:.1f} | {values[0]:.3f} | {values[-1]:.3f} |"
-                + "".join(f" {v:.3f} |" for v in finals)
+                + "".join(" n/a |" if v is None else f" {v:.3f} |" for v in finals)
             )
     if extra:
         print("random policy: " + ", ".join(f"{tag} {reference[tag.removeprefix('eval/')]:.3f}" for tag in extra))
+    if "adaptation" in spec:
+        first, last = spec["adaptation"]
+        gain = reference[last.removeprefix("eval/")] - reference[first.removeprefix("eval/")]
+        print(f"\n{last} - {first}, every evaluation in the second half of each run, all seeds (random policy {gain:.3f}):")
+        for config, runs in curves.items():
+            gains = np.concatenate([adaptation_gain(run_name(opts.benchmark, config, s), first, last) for s in runs])
+            if len(gains) > 1:
+                sem = gains.std(ddof=1) / np.sqrt(len(gains))
+                print(f"{config}: {gains.mean():.3f} +- {sem:.3f} (standard error, n = {len(gains)})")
     print("\ndiagnostics, mean over each fifth of the run's updates:\n")
     for config, runs in curves.items():
         for seed in sorted(runs):
@@ -306,7 +342,7 @@ def main():
         for config in curves:
             finals = [per_task_final(run_name(opts.benchmark, config, seed)) for seed in curves[config]]
             print(f"| {config} | " + " | ".join(f"{np.mean([f[t] for f in finals]):.3f}" for t in tasks) + " |")
-    plot(opts.benchmark, spec, curves, random_level)
+    plot(opts.benchmark, spec, curves, random_level, opts.figure or opts.benchmark)
 
 
 if __name__ == "__main__":
