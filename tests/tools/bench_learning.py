@@ -212,8 +212,15 @@ def random_reference(script: str, flags: list, episodes: int = 50, seed: int = 0
     return module.summarize_eval(means) | {f"{task}/return": m["return"] for task, m in means.items() if "return" in m}
 
 
-# The acting head's diagnostics (the rollout gamma's own entropy and CRR kept fraction; Q against the Monte Carlo return)
-DIAGNOSTICS = ["losses/policy_entropy_acting", "losses/crr_kept_fraction_acting", "losses/q_mean", "losses/mc_return"]
+# The acting head's diagnostics: the rollout gamma's own entropy and CRR kept fraction, and its Q against the Monte Carlo
+# return that followed (q_minus_mc, in windows that reach their rollout's end); q_mean is the mean over all gammas
+DIAGNOSTICS = [
+    "losses/policy_entropy_acting",
+    "losses/crr_kept_fraction_acting",
+    "losses/q_mean",
+    "losses/mc_return",
+    "losses/q_minus_mc",
+]
 
 
 def diagnostics_by_fifth(name: str) -> dict[str, list[float]]:
