@@ -78,9 +78,10 @@ PROCGEN_DEMO = ["--games", "coinrun", "--num-train-levels", "200", *SMALL_PIXELS
 # Atari: Boxing (a paper Fig. 9 game; fixed 2-minute rounds, so evaluation time is bounded), raw scores.
 ATARI_DEMO = ["--games", "Boxing", *SMALL_PIXELS, "--eval-episodes", "2"]
 # Games with early dense reward under a random policy (tests/tools/pixel_candidates.py: starpilot and Breakout reward
-# ~2% and ~1% of steps, coinrun almost none), twice the updates per env step, 60k steps.
+# ~2% and ~1% of steps, coinrun almost none), twice the updates per env step, 60k steps (starpilot 120k).
 DENSE_PIXELS = [*PIXEL_BASE, "--updates-per-epoch", "32", "--eval-every", "15000", "--total-timesteps", "60000"]
-STARPILOT_DEMO = ["--games", "starpilot", "--num-train-levels", "200", *DENSE_PIXELS, "--eval-episodes", "4"]
+STARPILOT_DEMO = with_flag(["--games", "starpilot", "--num-train-levels", "200", *DENSE_PIXELS, "--eval-episodes", "4"],
+                           "--total-timesteps", "120000")
 BREAKOUT_DEMO = ["--games", "Breakout", *DENSE_PIXELS, "--eval-episodes", "4"]
 
 BENCHMARKS = {
@@ -124,7 +125,7 @@ BENCHMARKS = {
                     label="normalised score, attempt 2 (coinrun, unseen levels)",
                     extra=["eval/norm_1_mean", "eval/return_2_mean"]),
     "procgen-starpilot": dict(script="amago2_procgen.py",
-                              configs={"ind/ind 120k": with_flag(STARPILOT_DEMO, "--total-timesteps", "120000")},
+                              configs={"ind/ind 120k": STARPILOT_DEMO},
                               metric="eval/norm_2_mean", label="normalised score, attempt 2 (starpilot, unseen levels)",
                               extra=["eval/norm_1_mean", "eval/return_2_mean"]),
     "atari-breakout": dict(script="amago2_atari.py",
