@@ -503,6 +503,12 @@ class Actor(nn.Module):
         return torch.distributions.Categorical(probs=probs / probs.sum(-1, keepdim=True))
 
 
+def policy_stats(pi: torch.distributions.Categorical, g: int) -> dict:
+    """The acting head's own diagnostic, (N,): the probability of its likeliest action, 1/A when uniform, ~0.99 at most
+    (the clamp); with the entropy it tells a policy that is narrowing from one that still spreads its choices."""
+    return {"losses/policy_max_prob_acting": pi.probs[:, g].max(-1).values}
+
+
 def every_action(agent, n: int, device) -> torch.Tensor:
     """All A discrete actions for each of n states, shaped for q_values: (n, A, 1)."""
     return torch.arange(agent.action_dim, device=device).view(1, -1, 1).expand(n, -1, 1)
@@ -726,47 +732,63 @@ def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor,
         a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
         actor = -keep * pi.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
     else:
-        actor = dpg_actor_loss(agent, h_t, pi)
+        actor, keep = dpg_actor_loss(agent, h_t, pi), None
 
-    def masked_mean(x):  # mean over valid transitions (filtered CRR steps stay in the denominator)
-        return (x.reshape(N, -1).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
-
-    actor_loss, critic_loss = masked_mean(actor), masked_mean(critic)
-    metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss, "losses/td_target_mean": masked_mean(y)}
-    g = agent.rollout_gamma  # the acting head's diagnostics on their own: low gammas see little reward, sharpen first
-    if args.actor_loss == "ind":
-        metrics["losses/crr_kept_fraction"] = masked_mean(keep)
-        metrics["losses/crr_kept_fraction_acting"] = masked_mean(keep[:, g])
-    with torch.no_grad():  # diagnostics
-        metrics["losses/q_mean"] = masked_mean(q_buffer)
-        surprise = -pi.log_prob(pi.sample())  # (N, G): a one-sample estimate of each gamma's policy entropy
-        metrics["losses/policy_entropy"] = masked_mean(surprise)
-        metrics["losses/policy_entropy_acting"] = masked_mean(surprise[:, g])
-        metrics |= critic_vs_returns(q_buffer, batch, valid, agent.gammas, args)
+    actor_loss, critic_loss = masked_mean(actor, valid), masked_mean(critic, valid)
+    metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss}
+    metrics |= diagnostics(agent, batch, pi, q_buffer, keep, y, valid, args)
     return actor_loss + args.critic_weight * critic_loss, metrics
 
 
-def monte_carlo_returns(reward: torch.Tensor, valid: torch.Tensor, gammas: torch.Tensor) -> torch.Tensor:
-    """sum_{k >= t} gamma^(k - t) r_k over the valid transitions of each window, (B, l) -> (B, l, G). A diagnostic: it is
-    the observed discounted return only in windows that hold their rollout's terminal (windows never cross rollouts)."""
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid transitions, x: (N, ...) -> scalar (filtered CRR steps stay in the denominator)."""
+    return (x.reshape(len(valid), -1).mean(-1) * valid).sum() / valid.sum().clamp(min=1)
+
+
+@torch.no_grad()
+def diagnostics(agent: Agent, batch: dict, pi, q_buffer: torch.Tensor, keep, y: torch.Tensor, valid: torch.Tensor, args: Args):
+    """What to read when a run does not learn. The acting gamma's head (the one rollouts use) is also logged on its own:
+    low gammas see little reward and sharpen first. keep: the CRR filter (N, G), None for the dep actor; q_buffer: (N, G, C).
+    policy_entropy is a one-sample estimate, -log pi(a) of a ~ pi; policy_stats adds the distribution's own numbers."""
+    g = agent.rollout_gamma
+    metrics = {"losses/td_target_mean": masked_mean(y, valid), "losses/q_mean": masked_mean(q_buffer, valid)}
+    if keep is not None:
+        metrics["losses/crr_kept_fraction"] = masked_mean(keep, valid)
+        metrics["losses/crr_kept_fraction_acting"] = masked_mean(keep[:, g], valid)
+    minus_log_pi = -pi.log_prob(pi.sample())  # (N, G)
+    metrics["losses/policy_entropy"] = masked_mean(minus_log_pi, valid)
+    metrics["losses/policy_entropy_acting"] = masked_mean(minus_log_pi[:, g], valid)
+    metrics |= {k: masked_mean(v, valid) for k, v in policy_stats(pi, g).items()}
+    # the acting gamma's Q against the discounted return that followed, in windows that reach their rollout's end: a
+    # scalar critic approaches it as values propagate; two-hot Q (symexp of a symlog-space mean) lags below a positive one
+    B, l = batch["reward"][:, 1:].shape
+    ends = valid.view(B, l) & (batch["terminal"][:, 1:].bool() & valid.view(B, l)).any(1, keepdim=True)  # (B, l)
+    if ends.any():
+        learn_reward = args.reward_multiplier * batch["reward"][:, 1:].float()
+        mc = monte_carlo_returns(learn_reward, valid.view(B, l), agent.gammas[g].item())  # (B, l)
+        metrics["losses/mc_return"] = mc[ends].mean()
+        metrics["losses/q_minus_mc"] = (q_buffer[:, g].mean(-1).view(B, l) - mc)[ends].mean()
+    return metrics
+
+
+def monte_carlo_returns(reward: torch.Tensor, valid: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sum_{k >= t} gamma^(k - t) r_k over the valid transitions of each window, (B, l) -> (B, l). The observed discounted
+    return only in windows that hold their rollout's terminal (windows never cross rollouts)."""
     steps = torch.arange(reward.shape[1], device=reward.device)
     ahead = (steps[None, :] - steps[:, None]).float()  # (l, l): k - t
-    discount = torch.where(ahead >= 0, gammas[:, None, None] ** ahead.clamp(min=0), 0.0)  # (G, l, l)
-    return torch.einsum("gtk,bk->btg", discount, reward * valid)
+    discount = torch.where(ahead >= 0, gamma ** ahead.clamp(min=0), 0.0)  # (t, k)
+    return (reward * valid) @ discount.T
 
 
-def critic_vs_returns(q: torch.Tensor, batch: dict, valid: torch.Tensor, gammas: torch.Tensor, args: Args) -> dict:
-    """Diagnostic: the critics' mean Q of the acting gamma against the discounted return (of the behaviour policy) that
-    followed, in windows that reach their rollout's end. A scalar critic's Q approaches it as values propagate; the
-    two-hot Q, symexp of an expectation in symlog space, stays far below it under uncertain outcomes. q: (N, G, C)."""
-    B, l = batch["reward"][:, 1:].shape
-    valid = valid.view(B, l)
-    ends = valid & (batch["terminal"][:, 1:].bool() & valid).any(1, keepdim=True)  # (B, l): returns fully observed
-    if not ends.any():
-        return {}
-    g = args.gammas.index(args.rollout_gamma)
-    mc = monte_carlo_returns(args.reward_multiplier * batch["reward"][:, 1:].float(), valid, gammas)[..., g]  # (B, l)
-    return {"losses/mc_return": mc[ends].mean(), "losses/q_minus_mc": (q[:, g].mean(-1).view(B, l) - mc)[ends].mean()}
+def grad_norms(agent: Agent, actor_loss: torch.Tensor, weighted_critic_loss: torch.Tensor) -> dict:
+    """The gradient norms of the actor's loss and of critic_weight * the critic's loss apart, before the joint clip (one
+    backward pass each, on a graph the update's own backward still uses): which of the two the clip scales down."""
+    params = [p for p in agent.parameters() if p.requires_grad]
+    norms = {}
+    for name, loss in (("actor", actor_loss), ("critic", weighted_critic_loss)):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        norms[f"losses/grad_norm_{name}"] = torch.stack([g.norm() for g in grads if g is not None]).norm()
+    return norms
 
 
 # ==== Rollouts and evaluation =========================================================================================
@@ -1167,11 +1189,13 @@ if __name__ == "__main__":
         # ---- update: updates_per_epoch gradient steps on windows of l+1 timesteps ----
         agent.train()
         update_start = step_start = time.time()
-        for batch in prefetch.batches(args.updates_per_epoch, args.batch_size, args.context_len + 1, rng):
+        for i, batch in enumerate(prefetch.batches(args.updates_per_epoch, args.batch_size, args.context_len + 1, rng)):
             batch = trim_padding(batch)  # (B, <= l+1)
             batch = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
             with autocast:
                 loss, metrics = learner(batch, args)  # compute_losses
+            if i == args.updates_per_epoch - 1:  # the update whose metrics are logged: the two losses' gradients apart
+                metrics |= grad_norms(agent, metrics["losses/actor"], args.critic_weight * metrics["losses/critic"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.grad_clip)

@@ -115,7 +115,9 @@ def test_loss_combinations_run(name, actor_loss, critic_loss, tmp_path):
     assert "note: a paper-size model" not in out.stdout  # a cut-down model on CPU: no GPU-job warning
     tags = scalar_tags(tmp_path / "runs" / "r")
     expected = {"losses/actor", "losses/critic", "losses/q_mean", "losses/policy_entropy", "losses/td_target_mean"}
-    expected |= {"losses/policy_entropy_acting"}
+    expected |= {"losses/policy_entropy_acting", "losses/grad_norm", "losses/grad_norm_actor", "losses/grad_norm_critic"}
+    continuous = {"losses/policy_abs_mu_acting", "losses/policy_log_sigma_acting"}
+    expected |= continuous if name == "metaworld" else {"losses/policy_max_prob_acting"}
     expected |= {"losses/crr_kept_fraction", "losses/crr_kept_fraction_acting"} if actor_loss == "ind" else set()
     expected |= set(SCRIPTS[name]["tags"])  # per task and summary evaluation scalars
     assert expected <= tags, expected - tags

@@ -24,6 +24,7 @@ from amago2_metaworld import (  # noqa: E402
     make_env,
     make_eval_envs,
     metaworld_benchmark,
+    policy_stats,
     rollout_end_epsilon,
     summarize_eval,
 )
@@ -328,6 +329,27 @@ def test_actor_log_std_range():
     dist = agent.actor(torch.randn(10, 32) * 1000)  # extreme inputs saturate the squash
     log_std = dist.normal.scale.log()
     assert log_std.shape == (10, 7, 4) and log_std.min() >= -5 - 1e-5 and log_std.max() <= 2 + 1e-5
+
+
+def test_policy_stats_tell_saturation_from_narrowing():
+    """Pre-tanh mean 3 (saturated: tanh(3) = 0.995) with log sigma -1.5 (the squash's midpoint, -5 + 7 / 2): the
+    diagnostics read |mu| 3 and log sigma -1.5 for the acting head alone, while -log pi of a squashed sample reads far
+    lower than the Gaussian's own entropy (0.5 log(2 pi e) - 1.5 = -0.08 nats per dim) because of log(1 - tanh^2)."""
+    agent, args = tiny_agent()
+    G, A_ = len(args.gammas), 4
+    with torch.no_grad():
+        agent.actor.mlp[-1].weight.zero_()
+        bias = torch.zeros(G, 2, A_)
+        bias[:, 0] = 0.5  # every other head: |mu| 0.5
+        bias[agent.rollout_gamma, 0] = torch.tensor([3.0, -3.0, 3.0, -3.0])  # log-std pre-squash 0 -> log sigma -1.5
+        agent.actor.mlp[-1].bias.copy_(bias.flatten())
+    pi = agent.actor(torch.randn(64, 32))
+    stats = policy_stats(pi, agent.rollout_gamma)
+    torch.testing.assert_close(stats["losses/policy_abs_mu_acting"], torch.full((64,), 3.0))
+    torch.testing.assert_close(stats["losses/policy_log_sigma_acting"], torch.full((64,), -1.5))
+    torch.manual_seed(0)
+    minus_log_pi = -pi.log_prob(pi.sample())[:, agent.rollout_gamma].mean() / A_  # per action dim
+    assert minus_log_pi < 0.5 * np.log(2 * np.pi * np.e) - 1.5 - 3.0  # saturation reads as a much narrower policy
 
 
 @pytest.mark.parametrize("critic_loss", ["ind", "dep"])

@@ -278,6 +278,49 @@ def test_diagnostics_entropy_of_a_uniform_policy_and_q_of_constant_critics():
     assert metrics["losses/q_mean"].item() == pytest.approx(5.0, abs=1e-4)
 
 
+def test_grad_norms_of_the_two_losses_apart_sum_to_the_joint_gradient():
+    """grad_norms gives each loss's gradient norm as its own backward would, leaves .grad untouched, and the update's
+    joint gradient (what clip_grad_norm_ sees) is their sum: |g_a + g_c| <= |g_a| + |g_c|, equal to the norm of the sum."""
+    agent, args = make_agent()
+    batch = random_batch(agent, args)
+    params = [p for p in agent.parameters() if p.requires_grad]
+
+    def norm_of_grads():
+        return torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()
+
+    grads, start = {}, copy.deepcopy(agent.state_dict())  # each pass updates PopArt, input and sigma-reparam statistics
+    for name in ("actor", "critic"):
+        agent.load_state_dict(start)
+        torch.manual_seed(5)  # the same CRR and target-critic draws for every pass
+        loss, metrics = A.compute_losses(agent, batch, args)
+        weighted = {"actor": metrics["losses/actor"], "critic": args.critic_weight * metrics["losses/critic"]}
+        agent.zero_grad(set_to_none=True)
+        weighted[name].backward()
+        grads[name] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        assert norm_of_grads() > 0
+        grads[name + " norm"] = norm_of_grads()
+    agent.load_state_dict(start)
+    torch.manual_seed(5)
+    loss, metrics = A.compute_losses(agent, batch, args)
+    agent.zero_grad(set_to_none=True)
+    norms = A.grad_norms(agent, metrics["losses/actor"], args.critic_weight * metrics["losses/critic"])
+    assert all(p.grad is None for p in params)  # a diagnostic: nothing accumulates
+    torch.testing.assert_close(norms["losses/grad_norm_actor"], grads["actor norm"])
+    torch.testing.assert_close(norms["losses/grad_norm_critic"], grads["critic norm"])
+    loss.backward()  # the graph survived both diagnostic passes
+    joint = torch.stack([(a + c).norm() for a, c in zip(grads["actor"], grads["critic"])]).norm()
+    torch.testing.assert_close(torch.nn.utils.clip_grad_norm_(params, 1.0), joint)
+
+
+def test_discrete_policy_stats_max_prob_of_a_uniform_head():
+    agent, args = make_agent()
+    with torch.no_grad():
+        agent.actor.mlp[-1].weight.zero_()
+        agent.actor.mlp[-1].bias.zero_()
+    _, metrics = A.compute_losses(agent, random_batch(agent, args), args)
+    assert metrics["losses/policy_max_prob_acting"].item() == pytest.approx(1 / agent.action_dim, abs=1e-6)
+
+
 def test_acting_entropy_is_the_rollout_gammas_own():
     """Only the rollout gamma's head is uniform (log A nats); the other heads are near-deterministic (the clamp's floor)."""
     agent, args = make_agent()
@@ -564,9 +607,8 @@ def test_monte_carlo_returns_known_answer():
     """gamma 0.5: rewards 1, 2, 3 give 1 + 0.5 * 2 + 0.25 * 3 = 2.75, 2 + 1.5 = 3.5, 3; padding counts nothing."""
     reward = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 99.0]])
     valid = torch.tensor([[True, True, True], [True, True, False]])
-    mc = A.monte_carlo_returns(reward, valid, torch.tensor([0.5, 1.0]))
-    torch.testing.assert_close(mc[..., 0], torch.tensor([[2.75, 3.5, 3.0], [2.0, 2.0, 0.0]]))
-    torch.testing.assert_close(mc[..., 1], torch.tensor([[6.0, 5.0, 3.0], [3.0, 2.0, 0.0]]))
+    torch.testing.assert_close(A.monte_carlo_returns(reward, valid, 0.5), torch.tensor([[2.75, 3.5, 3.0], [2.0, 2.0, 0.0]]))
+    torch.testing.assert_close(A.monte_carlo_returns(reward, valid, 1.0), torch.tensor([[6.0, 5.0, 3.0], [3.0, 2.0, 0.0]]))
 
 
 def test_q_against_monte_carlo_only_where_the_rollout_ends_in_the_window():

@@ -18,6 +18,7 @@ EXEMPT = {
     "action_features",
     "dpg_actor_loss",
     "every_action",
+    "policy_stats",
     "next_state_values",
     "explore",
     "NO_ACTION",

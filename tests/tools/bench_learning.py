@@ -113,6 +113,14 @@ BENCHMARKS = {
                 "--total-timesteps",
                 "200000",
             ],
+            # issue 28: the critic's pace (tau) and exploration scaled to the run (25k steps per env) together
+            "ind/ind 200k 2x tau-0.02 anneal-half": [
+                *with_flag(with_flag(METAWORLD_DEMO, "--updates-per-epoch", "96"), "--eps-anneal-steps", "12500"),
+                "--total-timesteps",
+                "200000",
+                "--tau",
+                "0.02",
+            ],
         },
         metric="eval/train/return",
         label="3-attempt return (ML1 reach-v3, training goals)",
@@ -125,7 +133,11 @@ BENCHMARKS = {
                     label="normalised score, attempt 2 (coinrun, unseen levels)",
                     extra=["eval/norm_1_mean", "eval/return_2_mean"]),
     "procgen-starpilot": dict(script="amago2_procgen.py",
-                              configs={"ind/ind 120k": STARPILOT_DEMO},
+                              configs={"ind/ind 120k": STARPILOT_DEMO,
+                                       # issue 28: exploration scaled to the run (15k steps per env) and the critic's pace
+                                       "ind/ind 120k anneal-half": with_flag(STARPILOT_DEMO, "--eps-anneal-steps", "7500"),
+                                       "ind/ind 120k anneal-whole": with_flag(STARPILOT_DEMO, "--eps-anneal-steps", "15000"),
+                                       "ind/ind 120k tau-0.02": [*STARPILOT_DEMO, "--tau", "0.02"]},
                               metric="eval/norm_2_mean", label="normalised score, attempt 2 (starpilot, unseen levels)",
                               extra=["eval/norm_1_mean", "eval/return_2_mean"]),
     "atari-breakout": dict(script="amago2_atari.py",
@@ -222,6 +234,13 @@ DIAGNOSTICS = [
     "losses/q_mean",
     "losses/mc_return",
     "losses/q_minus_mc",
+    # issue 28: saturation against narrowing (continuous actions), greediness (discrete), and which loss the clip scales
+    "losses/policy_abs_mu_acting",
+    "losses/policy_log_sigma_acting",
+    "losses/policy_max_prob_acting",
+    "losses/grad_norm_actor",
+    "losses/grad_norm_critic",
+    "losses/grad_norm",
 ]
 
 
