@@ -370,12 +370,19 @@ class SigmaReparamLinear(nn.Module):
         self.gain = nn.Parameter(torch.ones(()))
         self.register_buffer("u", F.normalize(torch.randn(d_out), dim=0))
         self.register_buffer("v", F.normalize(torch.randn(d_in), dim=0))
+        # converged before the first forward: rollouts run in eval mode, and random u, v give a random u^T W v of either
+        # sign (50 steps: within ~1% of the spectral norm at the paper's sizes)
+        self.power_iteration(50)
+
+    @torch.no_grad()  # u, v are estimates, not parameters: no gradient through them
+    def power_iteration(self, steps: int):
+        for _ in range(steps):
+            self.v.copy_(F.normalize(self.weight.T @ self.u, dim=0))
+            self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            with torch.no_grad():  # u, v are estimates, not parameters: no gradient through them
-                self.v.copy_(F.normalize(self.weight.T @ self.u, dim=0))
-                self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
+            self.power_iteration(1)
         sigma = self.u @ self.weight @ self.v
         # ((g / sigma) W) x == (g / sigma) (W x): scaling the output avoids materialising a new weight
         out = F.linear(x, self.weight) * (self.gain / sigma)
