@@ -210,7 +210,7 @@ class MetaWorldMetaEnv(gym.Env):
         self.episode, self.t = 0, 0
         self.successes = np.zeros(self.k)  # per attempt: 1 if any step of that episode succeeded
         self.returns = np.zeros(self.k)  # per attempt: the episode's return (attempt k against 1: adaptation)
-        return {"obs": obs.astype(np.float32)}, {"new_episode": True, "policy_reward": 0.0}
+        return {"obs": obs.astype(np.float32)}, {"new_episode": True, "prev_reward": 0.0}
 
     def step(self, action):
         # the raw env never terminates and its own time-limit flag is replaced by our counter
@@ -219,7 +219,7 @@ class MetaWorldMetaEnv(gym.Env):
         self.t += 1
         self.returns[self.episode] += reward
         self.successes[self.episode] = max(self.successes[self.episode], float(raw_info["success"]))
-        info = {"policy_reward": reward, "new_episode": False}
+        info = {"prev_reward": reward, "new_episode": False}
         terminated = False
         if self.t == self.episode_length:
             self.episode, self.t = self.episode + 1, 0
@@ -285,6 +285,22 @@ def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 # ==== Model (paper Sec. 3, Fig. 2): timestep encoder -> causal Transformer -> actor and critics =======================
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the job's number of ranks, as torchrun sets them; (0, 1) under plain python."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def mean_over_ranks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean over dim 0 of every rank's rows x: (M_rank, D) -> (D,), and the number of rows in all. Statistics updated
+    outside the optimiser (PopArt, input normalisation) use it, so that under torchrun they stay identical on every rank."""
+    if not dist.is_initialized():
+        return x.mean(0), len(x)
+    total = torch.cat([x.sum(0), x.new_tensor([len(x)])])  # (D + 1,): sums and row count, reduced in one call
+    dist.all_reduce(total)
+    n = int(total[-1].item())
+    return total[:-1] / max(n, 1), n
+
+
 class InputNorm(nn.Module):
     """Running mean/std of the raw timestep input (official library: momentum 1e-4, bias-corrected)."""
 
@@ -312,6 +328,14 @@ class InputNorm(nn.Module):
         return ((x - mean) / (std + 1e-5)).clamp(-10, 10)
 
 
+NO_ACTION = 0.0  # the "previous action" at a meta-rollout start: a zero vector (paper Sec. 3: the timestep input)
+
+
+def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
+    """How an action enters the critic and the timestep token: the raw vector in [-1, 1]. (..., A) -> (..., A)."""
+    return actions.float()
+
+
 class TimestepEncoder(nn.Module):
     """State-based timestep encoder (paper App. B): [obs, prev action, prev reward, reset] -> norm -> MLP -> LayerNorm."""
 
@@ -325,8 +349,8 @@ class TimestepEncoder(nn.Module):
 
     def forward(self, obs, prev_action, prev_reward, reset, mask=None):
         # obs["obs"]: (B, L, 39), prev_action: (B, L, 4) float in [-1, 1], prev_reward / reset: (B, L)
-        rl2 = [action_features(prev_action, self.action_dim), prev_reward[..., None], reset[..., None]]
-        return self.mlp(self.norm(torch.cat([obs["obs"], *rl2], -1).float(), mask))
+        prev_inputs = [action_features(prev_action, self.action_dim), prev_reward[..., None], reset[..., None]]
+        return self.mlp(self.norm(torch.cat([obs["obs"], *prev_inputs], -1).float(), mask))
 
 
 # ---- the causal Transformer (shared core: the same text in every amago2_*.py, tests/test_shared_core.py) ----
@@ -433,13 +457,7 @@ class Transformer(nn.Module):
 
 
 # ---- the actor (continuous actions, per benchmark): one tanh-Gaussian per gamma ----
-NO_ACTION = 0.0  # the "previous action" at a meta-rollout start: a zero vector (paper Sec. 3: the timestep input)
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the actor's log-std is squashed into this range (official library)
-
-
-def action_features(actions: torch.Tensor, action_dim: int) -> torch.Tensor:
-    """How an action enters the critic and the timestep token: the raw vector in [-1, 1]. (..., A) -> (..., A)."""
-    return actions.float()
 
 
 class TanhGaussian:
@@ -459,7 +477,7 @@ class TanhGaussian:
 
         Buffer actions are clamped to +-0.99 first (official library): exploration noise is clipped to the box, and at +-1
         the inverse tanh is infinite."""
-        a = action.float().clamp(-0.99, 0.99)
+        a = action.float().expand_as(self.normal.loc).clamp(-0.99, 0.99)  # a buffer action (N, 1, A): one for every head
         return (self.normal.log_prob(torch.atanh(a)) - torch.log1p(-a.pow(2))).sum(-1)
 
 
@@ -592,11 +610,11 @@ class Agent(nn.Module):
         self.target_actor = copy.deepcopy(self.actor).requires_grad_(False)
         self.target_critics = copy.deepcopy(self.critics).requires_grad_(False)
 
-    def states(self, batch: dict, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """h for every timestep of a batch of windows: (B, L) -> (B, L, d_model)."""
+    def states(self, batch: dict, mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """h for every timestep of a batch of windows: (B, L) -> (B, L, d_model); with a cache, one new timestep per env."""
         obs = {k: batch[k] for k in self.obs_keys}
         tokens = self.encoder(obs, batch["prev_action"], batch["prev_reward"], batch["reset"], mask)
-        return self.transformer(tokens, batch["time"])
+        return self.transformer(tokens, batch["time"], cache)
 
     def scalar_q(self, out: torch.Tensor, standardized: bool = False) -> torch.Tensor:
         """Critic outputs (..., G, C, out) -> scalar Q (..., G, C), in fp32 (also under bf16 autocast): the two-hot
@@ -626,21 +644,62 @@ class Agent(nn.Module):
 
 
 # ==== Losses (paper Sec. 3, App. B): TD target, critic Eqs. 1 / 3, actor Eqs. 2 / 4 ===================================
-def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
-    """Each target critic's value of one sampled a' ~ pi'(h') at t+1 (continuous actions: no exact expectation, as
-    in the official library for both actors). (N, d) -> (N, G, C), denormalised, no grad."""
-    return agent.q_values(agent.target_critics, h_next, agent.target_actor(h_next).sample()[:, None])[:, 0]
+# compute_losses is the update: TD targets from the target heads (td_target), the critic loss (Eq. 3 two-hot or Eq. 1
+# PopArt MSE), the actor loss (Eq. 4 CRR filter or Eq. 2 -Q), then diagnostics. Its helpers follow in that order.
+def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
+    """Both losses on a batch of windows of l+1 timesteps: transition t uses h_t, h_{t+1} and the data of row t+1.
+    A window's row t+1 holds the timestep o_{t+1}, a_t (prev_action), r_t as the policy saw it (prev_reward) and the
+    reset bit d (1 where an inner episode starts), plus the transition t -> t+1's learning reward and terminal flag
+    (reward, terminal); row 0 only gives h_0. Returns actor + critic_weight * critic, and the logged metrics."""
+    valid = batch["mask"][:, 1:].reshape(-1)  # (N = B * l,): transition t is real iff timestep t+1 is real
+    h = agent.states(batch, batch["mask"])  # (B, l+1, d)
+    h_t, h_next = h[:, :-1].flatten(0, 1), h[:, 1:].detach().flatten(0, 1)  # (N, d)
+    action = replayed_actions(batch, valid)  # (N, 1, 1, ...): a_t, one per state, the same for every gamma
+    # CRUCIAL: done is 1 only where the whole meta-rollout terminated, never at inner episode ends
+    reward, done = (batch[k][:, 1:].reshape(-1).float() for k in ("reward", "terminal"))
+    y = td_target(agent, h_next, reward, done, args)  # (N, G)
+    out = agent.critics(h_t, action_features(action, agent.action_dim))[:, 0]  # (N, G, C, out)
+    # global PopArt statistics follow the TD targets on every update, whatever the critic: the dep critic is
+    # their output layer (Eq. 1) and the dep actor standardises Q by them (Eq. 2, paper App. B)
+    agent.popart.update(y[valid])
+    critic = critic_loss_ind(agent, out, y) if args.critic_loss == "ind" else critic_loss_dep(agent, out, y)
+
+    q_buffer = agent.scalar_q(out.detach())  # (N, G, C): the critics' value of the buffer actions
+    pi = agent.actor(h_t)  # G distributions over (N,)
+    if args.actor_loss == "ind":
+        keep = crr_filter(agent, h_t, pi, q_buffer, args)  # (N, G)
+        actor = -keep * pi.log_prob(action[:, 0])  # the buffer action broadcast over the G heads: (N, G)
+    else:
+        actor, keep = dpg_actor_loss(agent, h_t, pi), None
+
+    actor_loss, critic_loss = masked_mean(actor, valid), masked_mean(critic, valid)
+    metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss}
+    metrics |= diagnostics(agent, batch, pi, q_buffer, keep, y, valid, args)
+    return actor_loss + args.critic_weight * critic_loss, metrics
+
+
+def replayed_actions(batch: dict, valid: torch.Tensor) -> torch.Tensor:
+    """a_t, the previous action of row t+1: (B, l+1, A) -> (N, 1, 1, A). Padding past a rollout's end is set to the zero
+    action, any real action keeps the maths finite there (masked out of every loss)."""
+    action = batch["prev_action"][:, 1:].flatten(0, 1)
+    return torch.where(valid[:, None], action, torch.zeros_like(action)).view(-1, 1, 1, action.shape[-1])
 
 
 def td_target(agent: Agent, h_next: torch.Tensor, reward: torch.Tensor, done: torch.Tensor, args: Args) -> torch.Tensor:
     """y = reward_multiplier * r + gamma * (1 - done) * Qbar(h', a'), in fp32. Qbar combines 2 of the target critics
-    drawn at random (with replacement) per sample: their mean (official library, two-hot agent), or their min,
+    drawn at random (with replacement) per sample and per gamma: their mean (official library, two-hot agent), or their min,
     clipped double-Q, with the dep actor (official library, DPG agent). h_next: (N, d), reward / done: (N,) -> (N, G)."""
     with torch.no_grad():
         q = next_state_values(agent, h_next, args.actor_loss)  # (N, G, C)
         q_two = q.gather(-1, torch.randint(q.shape[-1], (*q.shape[:-1], 2), device=q.device))  # (N, G, 2)
         q_bar = q_two.min(-1).values if args.actor_loss == "dep" else q_two.mean(-1)
         return args.reward_multiplier * reward[:, None] + agent.gammas * (1 - done[:, None]) * q_bar
+
+
+def next_state_values(agent, h_next: torch.Tensor, actor_loss: str) -> torch.Tensor:
+    """Each target critic's value of one sampled a' ~ pi'(h') at t+1 (continuous actions: no exact expectation, as
+    in the official library for both actors). (N, d) -> (N, G, C), denormalised, no grad."""
+    return agent.q_values(agent.target_critics, h_next, agent.target_actor(h_next).sample()[:, None])[:, 0]
 
 
 def critic_loss_ind(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -656,6 +715,15 @@ def critic_loss_dep(agent: Agent, out: torch.Tensor, y: torch.Tensor) -> torch.T
     return (pred - target[:, None]).pow(2).transpose(1, 2)  # (N, G, C)
 
 
+def crr_filter(agent: Agent, h: torch.Tensor, pi, q_buffer: torch.Tensor, args: Args) -> torch.Tensor:
+    """Eq. 4's binary weight 1{A > threshold}, A = mean_c Q_c(h, a_buffer) - mean over policy samples of mean_c Q_c(h, a_k).
+    Online critics, no grad. h: (N, d), q_buffer: (N, G, C) -> (N, G)."""
+    with torch.no_grad():
+        samples = pi.sample((args.crr_samples,)).transpose(0, 1)  # (N, K, G)
+        baseline = agent.q_values(agent.critics, h.detach(), samples).mean(-1).mean(1)  # (N, G)
+        return (q_buffer.mean(-1) - baseline > args.crr_threshold).float()
+
+
 def dpg_actor_loss(agent, h: torch.Tensor, pi) -> torch.Tensor:
     """Eq. 2, continuous: -min_c Q_c(h, a) with a ~ pi(h) a reparameterised sample, Q standardised by the global
     PopArt statistics (paper App. B) so that its scale does not depend on the rewards'. Returns (N, G).
@@ -667,49 +735,6 @@ def dpg_actor_loss(agent, h: torch.Tensor, pi) -> torch.Tensor:
     out = torch.func.functional_call(agent.critics, frozen, (h.detach(), action_features(actions, agent.action_dim)))
     q = agent.scalar_q(out, standardized=True)[:, 0]  # (N, G, C)
     return -q.min(-1).values  # pessimistic over the ensemble
-
-
-def crr_filter(agent: Agent, h: torch.Tensor, pi, q_buffer: torch.Tensor, args: Args) -> torch.Tensor:
-    """Eq. 4's binary weight 1{A > threshold}, A = mean_c Q_c(h, a_buffer) - mean over policy samples of mean_c Q_c(h, a_k).
-    Online critics, no grad. h: (N, d), q_buffer: (N, G, C) -> (N, G)."""
-    with torch.no_grad():
-        samples = pi.sample((args.crr_samples,)).transpose(0, 1)  # (N, K, G)
-        baseline = agent.q_values(agent.critics, h.detach(), samples).mean(-1).mean(1)  # (N, G)
-        return (q_buffer.mean(-1) - baseline > args.crr_threshold).float()
-
-
-def compute_losses(agent: Agent, batch: dict, args: Args) -> tuple[torch.Tensor, dict]:
-    """Both losses on a batch of windows of l+1 timesteps: transition t uses h_t, h_{t+1} and the data of row t+1."""
-    valid = batch["mask"][:, 1:]  # (B, l): transition t is real iff timestep t+1 is real
-    h = agent.states(batch, batch["mask"])  # (B, l+1, d)
-    N = valid.numel()
-    h_t, h_next = h[:, :-1].reshape(N, -1), h[:, 1:].detach().reshape(N, -1)
-    action = batch["prev_action"][:, 1:]  # a_t is the previous action of timestep t+1
-    # padding past a rollout's end may hold the next rollout's NO_ACTION: any real action keeps the maths finite
-    action = torch.where(valid.view(*valid.shape, *[1] * (action.dim() - 2)), action, torch.zeros_like(action))
-    action = action.reshape(N, 1, 1, *action.shape[2:])
-    # CRUCIAL: done is 1 only where the whole meta-rollout terminated, never at inner episode ends
-    y = td_target(agent, h_next, batch["reward"][:, 1:].reshape(N).float(), batch["terminal"][:, 1:].reshape(N).float(), args)
-    out = agent.critics(h_t, action_features(action, agent.action_dim))[:, 0]  # (N, G, C, out)
-    valid = valid.reshape(N)
-    # global PopArt statistics follow the TD targets on every update, whatever the critic: the dep critic is
-    # their output layer (Eq. 1) and the dep actor standardises Q by them (Eq. 2, paper App. B)
-    agent.popart.update(y[valid])
-    critic = critic_loss_ind(agent, out, y) if args.critic_loss == "ind" else critic_loss_dep(agent, out, y)
-
-    q_buffer = agent.scalar_q(out.detach())  # (N, G, C): the critics' value of the buffer actions
-    pi = agent.actor(h_t)  # G distributions over (N,)
-    if args.actor_loss == "ind":
-        keep = crr_filter(agent, h_t, pi, q_buffer, args)  # (N, G)
-        a = action[:, 0, 0]  # (N,) discrete or (N, A) continuous: the same buffer action for every gamma
-        actor = -keep * pi.log_prob(a.unsqueeze(1).expand(N, len(args.gammas), *a.shape[1:]))
-    else:
-        actor, keep = dpg_actor_loss(agent, h_t, pi), None
-
-    actor_loss, critic_loss = masked_mean(actor, valid), masked_mean(critic, valid)
-    metrics = {"losses/actor": actor_loss, "losses/critic": critic_loss}
-    metrics |= diagnostics(agent, batch, pi, q_buffer, keep, y, valid, args)
-    return actor_loss + args.critic_weight * critic_loss, metrics
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -736,8 +761,8 @@ def diagnostics(agent: Agent, batch: dict, pi, q_buffer: torch.Tensor, keep, y: 
     B, l = batch["reward"][:, 1:].shape
     ends = valid.view(B, l) & (batch["terminal"][:, 1:].bool() & valid.view(B, l)).any(1, keepdim=True)  # (B, l)
     if ends.any():
-        learn_reward = args.reward_multiplier * batch["reward"][:, 1:].float()
-        mc = monte_carlo_returns(learn_reward, valid.view(B, l), agent.gammas[g].item())  # (B, l)
+        reward = args.reward_multiplier * batch["reward"][:, 1:].float()
+        mc = monte_carlo_returns(reward, valid.view(B, l), agent.gammas[g].item())  # (B, l)
         metrics["losses/mc_return"] = mc[ends].mean()
         metrics["losses/q_minus_mc"] = (q_buffer[:, g].mean(-1).view(B, l) - mc)[ends].mean()
     return metrics
@@ -773,10 +798,10 @@ class MetaRollouts:
         self.envs, self.buffer, self.device = envs, buffer, device
         E, space = envs.num_envs, envs.single_action_space
         self.cache = KVCache(agent.transformer, E, args.context_len, device)
-        self.cur = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
-        self.cur["prev_action"] = np.zeros((E, *space.shape), space.dtype)
-        self.cur |= {k: np.zeros(E, np.float32) for k in ("prev_reward", "reset")}
-        self.cur |= {k: np.zeros(E, np.int64) for k in ("time", "rollout_id")}  # absolute time index, rollout id
+        self.now = {k: np.zeros((E, *s.shape), s.dtype) for k, s in envs.single_observation_space.items()}
+        self.now["prev_action"] = np.zeros((E, *space.shape), space.dtype)
+        self.now |= {k: np.zeros(E, np.float32) for k in ("prev_reward", "reset")}
+        self.now |= {k: np.zeros(E, np.int64) for k in ("time", "rollout_id")}  # absolute time index, rollout id
 
     def restart(self, seed: int):
         """Start a new meta-rollout in every env."""
@@ -785,37 +810,37 @@ class MetaRollouts:
 
     def _begin(self, idx: np.ndarray, obs: dict):
         for k in obs:
-            self.cur[k][idx] = obs[k][idx]
-        self.cur["prev_action"][idx], self.cur["prev_reward"][idx], self.cur["time"][idx] = NO_ACTION, 0.0, 0
-        self.cur["reset"][idx] = 1.0  # the first step of a meta-rollout is the first step of an episode
-        self.cur["rollout_id"][idx] = self.buffer.new_rollout_ids(len(idx)) if self.buffer else 0
+            self.now[k][idx] = obs[k][idx]
+        self.now["prev_action"][idx], self.now["prev_reward"][idx], self.now["time"][idx] = NO_ACTION, 0.0, 0
+        self.now["reset"][idx] = 1.0  # the first step of a meta-rollout is the first step of an episode
+        self.now["rollout_id"][idx] = self.buffer.new_rollout_ids(len(idx)) if self.buffer else 0
         self.cache.length[torch.as_tensor(idx, device=self.device)] = 0  # empty the cache of these envs
         self._record(idx, np.zeros(len(idx), np.float32), np.zeros(len(idx), bool))
 
     def _record(self, idx: np.ndarray, reward: np.ndarray, terminal: np.ndarray):
         if self.buffer is not None:
-            self.buffer.add({k: v[idx] for k, v in self.cur.items()} | {"reward": reward, "terminal": terminal}, idx)
+            self.buffer.add({k: v[idx] for k, v in self.now.items()} | {"reward": reward, "terminal": terminal}, idx)
 
     @torch.no_grad()
     def act(self, agent: Agent) -> np.ndarray:
         """Sample from the rollout gamma's actor head given each env's current token and its context."""
-        x = {k: torch.as_tensor(v, device=self.device)[:, None] for k, v in self.cur.items()}
-        tokens = agent.encoder({k: x[k] for k in agent.obs_keys}, x["prev_action"], x["prev_reward"], x["reset"])
-        h = agent.transformer(tokens, x["time"], self.cache)[:, 0]  # one new token per env: (E, d_model)
+        x = {k: torch.as_tensor(v, device=self.device)[:, None] for k, v in self.now.items()}  # (E, 1): one new timestep
+        h = agent.states(x, cache=self.cache)[:, 0]  # (E, d_model)
         return agent.actor(h).sample()[:, agent.rollout_gamma].cpu().numpy()
 
     def step(self, actions: np.ndarray) -> tuple[list, np.ndarray]:
         """Returns (env index, task, metrics) for each meta-rollout that ended, and the (E,) done mask."""
         obs, reward, terminated, truncated, info = self.envs.step(actions)
-        self.cur.update(obs)
-        self.cur["prev_action"] = np.asarray(actions, self.cur["prev_action"].dtype)
-        self.cur["prev_reward"] = info["policy_reward"].astype(np.float32)  # the reward the policy sees as input
-        self.cur["reset"] = info["new_episode"].astype(np.float32)  # an inner episode restarted: d = 1, memory kept
-        self.cur["time"] = self.cur["time"] + 1
+        self.now.update(obs)
+        self.now["prev_action"] = np.asarray(actions, self.now["prev_action"].dtype)
+        self.now["prev_reward"] = info["prev_reward"].astype(np.float32)  # the reward the policy sees, an input
+        self.now["reset"] = info["new_episode"].astype(np.float32)  # an inner episode restarted: d = 1, memory kept
+        self.now["time"] = self.now["time"] + 1
         self._record(np.arange(self.envs.num_envs), reward.astype(np.float32), terminated)
         done = terminated | truncated
         idx = np.flatnonzero(done)
-        metrics = {k: v for k, v in info.get("metrics", {}).items() if not k.startswith("_")}  # "_metrics": which envs set it
+        # the vector env adds a mask per key ("_return": which envs set it) inside info["metrics"]: keep the values only
+        metrics = {k: v for k, v in info.get("metrics", {}).items() if not k.startswith("_")}
         finished = [(i, str(info["task"][i]), {k: float(v[i]) for k, v in metrics.items()}) for i in idx]
         if done.any():
             new_obs, _ = self.envs.reset(options={"reset_mask": done})
@@ -932,11 +957,6 @@ def crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and after // every > before // every
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the job's number of ranks, as torchrun sets them; (0, 1) under plain python."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def init_distributed(args: Args) -> torch.device:
     """This rank's device; under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -951,24 +971,13 @@ def init_distributed(args: Args) -> torch.device:
     return device
 
 
-def mean_over_ranks(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean over dim 0 of every rank's rows x: (M_rank, D) -> (D,), and the number of rows in all. Statistics updated
-    outside the optimiser (PopArt, input normalisation) use it, so that under torchrun they stay identical on every rank."""
-    if not dist.is_initialized():
-        return x.mean(0), len(x)
-    total = torch.cat([x.sum(0), x.new_tensor([len(x)])])  # (D + 1,): sums and row count, reduced in one call
-    dist.all_reduce(total)
-    n = int(total[-1].item())
-    return total[:-1] / max(n, 1), n
-
-
 def buffer_folder(args: Args) -> str:
     """This rank's --buffer-dir ("": in RAM); under torchrun each rank keeps its shard in a folder of its own."""
     rank, world = rank_and_world()
     return os.path.join(args.buffer_dir, f"rank{rank}") if args.buffer_dir and world > 1 else args.buffer_dir
 
 
-class Silent:
+class NullWriter:
     """The TensorBoard writer of ranks other than 0: every call does nothing (rank 0 alone writes the log)."""
 
     def __getattr__(self, name: str):
@@ -1124,7 +1133,7 @@ if __name__ == "__main__":
     if args.resume:
         global_step, updates = load_checkpoint(run_dir, agent, optimizer, scheduler, buffer, rng)
         say(f"resumed {run_dir} at step {global_step:,} after {updates:,} updates")
-    writer = SummaryWriter(run_dir, purge_step=global_step or None) if rank == 0 else Silent()
+    writer = SummaryWriter(run_dir, purge_step=global_step or None) if rank == 0 else NullWriter()
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     n = sum(p.numel() for p in params)
     say(f"{args.run_name}: {n:,} parameters on {device} x {world} rank(s), actor {args.actor_loss}, critic {args.critic_loss}")
@@ -1148,7 +1157,7 @@ if __name__ == "__main__":
         for _ in range(args.steps_per_epoch):
             step_start = time.time()
             eps, eps_last = epsilon(args, global_step) * eps_mult, rollout_end_epsilon(args, global_step) * eps_mult
-            actions = explore(rollouts.act(agent), eps, action_space, rng, rollouts.cur["time"], eps_last, args)
+            actions = explore(rollouts.act(agent), eps, action_space, rng, rollouts.now["time"], eps_last, args)
             try:
                 finished, done = rollouts.step(actions)
             except ReplayMemoryError as e:  # the filling buffer would outgrow free RAM or disk: stop before the OS kills us

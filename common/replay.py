@@ -183,6 +183,12 @@ class ReplayBuffer:
         A start timestep is drawn uniformly among stored timesteps that have a successor, then moved
         back (never before its rollout's first stored step) so the window is as full as the rollout
         allows. Rows past the rollout's end are padding: returned as they are, with mask False.
+
+        Example, length 4 (l = 3), one env's column holding rollout A at rows 0-5 (row 5 its final timestep) and the
+        running rollout B at rows 6-8:
+            start 4: A has 2 rows from 4 on, so the window moves back 2: rows 2 3 4 5, mask 1 1 1 1
+            start 6: B has 3 rows and none before it:         rows 6 7 8 9, mask 1 1 1 0 (row 9: padding)
+            start 5 or 8: no successor (A's end, B's write head): drawn again
         """
         l = length - 1
         # draw candidate starts, redraw those with no successor (rollout ends, the write heads)

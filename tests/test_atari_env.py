@@ -48,7 +48,7 @@ def test_obs_and_action_spaces():
     assert obs["image"].shape == (84, 84, 3) and obs["image"].dtype == np.uint8
     assert obs["image"].std() > 0  # a real frame, not a blank one
     assert info["new_episode"] is False and "metrics" not in info and "task" not in info
-    assert isinstance(r, float) and r == info["policy_reward"]
+    assert isinstance(r, float) and r == info["prev_reward"]
 
 
 def test_v5_settings():
@@ -79,7 +79,7 @@ def test_same_seed_same_game_stream_and_vector_env():
     obs, _ = envs.reset()
     assert obs["image"].shape == (2, 84, 84, 3) and obs["image"].dtype == np.uint8
     obs, r, term, trunc, info = envs.step(np.array([1, 2]))
-    assert r.shape == (2,) and info["policy_reward"].shape == (2,)
+    assert r.shape == (2,) and info["prev_reward"].shape == (2,)
     # seeded through make_env: two fresh copies of env 0 give identical frames
     a, b = atari.make_env(args, 0, True)(), atari.make_env(args, 0, True)()
     for env in (a, b):
@@ -95,12 +95,12 @@ def test_rewards_unclipped_by_default_and_sign_clipped_when_asked():
     raw = play(atari.AtariEnv("Boxing", seed=5), 300)
     raw_r = np.array([r for r, _ in raw])
     assert np.abs(raw_r).max() > 1, "expected an unclipped reward with |r| > 1"
-    assert all(r == info["policy_reward"] for r, info in raw)
+    assert all(r == info["prev_reward"] for r, info in raw)
     # the same seed and actions replay the same game, now with sign-clipped rewards
     clipped = play(atari.AtariEnv("Boxing", seed=5, clip_rewards=True), 300)
     clip_r = np.array([r for r, _ in clipped])
     np.testing.assert_array_equal(clip_r, np.sign(raw_r))
-    assert all(r == info["policy_reward"] for r, info in clipped)
+    assert all(r == info["prev_reward"] for r, info in clipped)
     assert set(np.unique(clip_r)) <= {-1.0, 0.0, 1.0}
 
 

@@ -86,7 +86,7 @@ def test_time_limit_boundaries_and_metrics():
     boundaries = []
     for t in range(1, 49):
         obs, reward, terminated, truncated, info = env.step(TURN_LEFT)
-        assert reward == 0.0 and info["policy_reward"] == 0.0
+        assert reward == 0.0 and info["prev_reward"] == 0.0
         if info["new_episode"]:
             boundaries.append(t)
             assert obs["progress"][0] == 0.0  # first obs of the next attempt

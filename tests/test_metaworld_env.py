@@ -92,7 +92,7 @@ def test_episode_boundaries_and_flags(ml1_env):
     assert not any(s["truncated"] for s in steps)
     assert [s["terminated"] for s in steps[1:]] == [False] * (K * EP_LEN - 1) + [True]
     for s in steps[1:]:
-        assert s["info"]["policy_reward"] == s["reward"]
+        assert s["info"]["prev_reward"] == s["reward"]
     # task / metrics only at the end of the meta-rollout
     assert all("metrics" not in s["info"] and "task" not in s["info"] for s in steps[:-1])
     assert steps[-1]["info"]["task"] == "reach-v3"

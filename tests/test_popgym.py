@@ -64,7 +64,7 @@ def test_one_shot_protocol():
         obs, reward, terminated, truncated, info = env.step(0)
         step += 1
         if boundary is None:
-            episode_one_rewards.append((reward, info["policy_reward"]))
+            episode_one_rewards.append((reward, info["prev_reward"]))
         if info["new_episode"]:
             assert boundary is None and not (terminated or truncated)  # the inner episode end is not a terminal
             boundary = step
@@ -112,7 +112,7 @@ def test_standard_protocol_learns_from_the_only_episode():
     rewards, done = [], False
     while not done:
         _, r, term, trunc, info = env.step(0)
-        assert not info["new_episode"] and r == info["policy_reward"]
+        assert not info["new_episode"] and r == info["prev_reward"]
         rewards.append(r)
         done = term or trunc
     assert term and not trunc  # the only episode's end is the protocol's end: a terminal
@@ -549,7 +549,7 @@ def test_reward_scale_reaches_the_learner_and_the_policy_not_the_metrics():
     for _ in range(51):
         _, r1, *_, info1 = plain.step(1)
         _, r2, *_, info2 = scaled.step(1)
-        assert r2 == pytest.approx(100 * r1) and info2["policy_reward"] == pytest.approx(100 * info1["policy_reward"])
+        assert r2 == pytest.approx(100 * r1) and info2["prev_reward"] == pytest.approx(100 * info1["prev_reward"])
     assert info2["metrics"]["return"] == pytest.approx(info1["metrics"]["return"])  # reported on the default scale
     assert A.parse_reward_scales("RepeatFirstEasy=100, HigherLowerEasy=0.01", A.POPGYM_TASKS) == {
         "RepeatFirstEasy": 100.0,

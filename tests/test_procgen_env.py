@@ -113,7 +113,7 @@ def test_reward_scale_reaches_the_learner_and_not_the_metrics(make):
     _, scaled, infos, terms, _ = play(make("easy", games=["chaser"], reward_scales={"chaser": 100.0}), actions, seed=5)
     assert terms[-1] and len(scaled) == len(raw) and np.count_nonzero(raw) > 0
     np.testing.assert_allclose(scaled, 100 * np.array(raw))
-    assert [i["policy_reward"] for i in infos] == scaled
+    assert [i["prev_reward"] for i in infos] == scaled
     assert infos[-1]["metrics"] == raw_infos[-1]["metrics"]  # metrics stay on the default scale
     m = infos[-1]["metrics"]
     assert m["return_1"] + m["return_2"] == pytest.approx(sum(raw)) and all(type(v) is float for v in m.values())
@@ -194,7 +194,7 @@ def test_memory_hard_distributions(make):
     env = make("memory-hard")
     assert env.horizon == 5000 and len(env.games) == 16
     for game in ap.PROCGEN_GAMES:  # a wrong "memory" request would abort this process
-        env.pinned = game
+        env.fixed_task = game
         obs, _ = env.reset()
         assert env.game == game
         dist = ap.distribution_mode("memory-hard", game)
@@ -202,7 +202,7 @@ def test_memory_hard_distributions(make):
         for _ in range(5):
             obs, *_ = env.step(env.action_space.sample())
         assert obs["image"].shape == (64, 64, 3) and obs["image"].dtype == np.uint8
-    env.pinned = "maze"  # memory maze is not hard maze
+    env.fixed_task = "maze"  # memory maze is not hard maze
     env.reset()
     memory, hard = (level_start_frame("maze", env.level, dist) for dist in ("memory", "hard"))
     assert not np.array_equal(memory, hard)
@@ -245,7 +245,7 @@ def test_make_env():
     assert train.games == ap.MODES["easy"][0] and train.horizon == 2500
     assert train.reward_scales == {"coinrun": 100.0, "climber": 0.1} and train.level_range == (0, 500)
     with ap.make_env(args, 0, train=False, task="ninja")() as evaluation:  # closes its procgen env, pass or fail
-        assert evaluation.reward_scales == {"coinrun": 100.0, "climber": 0.1} and evaluation.pinned == "ninja"
+        assert evaluation.reward_scales == {"coinrun": 100.0, "climber": 0.1} and evaluation.fixed_task == "ninja"
         assert evaluation.level_range[0] == ap.EVAL_START_LEVEL
         evaluation.reset(seed=0)
         assert evaluation.game == "ninja"
@@ -271,7 +271,7 @@ def test_vector_env_as_the_core_drives_it():
         assert obs["image"].shape == (2, 64, 64, 3) and obs["image"].dtype == np.uint8
         for _ in range(7):
             obs, reward, terminated, truncated, info = envs.step(np.array([NOOP, NOOP]))
-            assert info["new_episode"].tolist() == [False, False] and info["policy_reward"].dtype == np.float64
+            assert info["new_episode"].tolist() == [False, False] and info["prev_reward"].dtype == np.float64
         assert truncated.tolist() == [True, True] and info["task"].tolist() == ["maze", "maze"]
         assert info["metrics"]["steps"].tolist() == [7.0, 7.0] and info["metrics"]["norm_2"].tolist() == [-1.0, -1.0]
         obs, _ = envs.reset(options={"reset_mask": np.array([True, False])})

@@ -19,6 +19,7 @@ EXEMPT = {
     "dpg_actor_loss",
     "every_action",
     "policy_stats",
+    "replayed_actions",
     "next_state_values",
     "explore",
     "NO_ACTION",
