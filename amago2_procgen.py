@@ -47,12 +47,20 @@ class Args:
     """sets `torch.backends.cudnn.deterministic`"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when a GPU is visible, else cpu"""
+    track: bool = False
+    """also log the run to Weights & Biases (CleanRL's --track; WANDB_MODE=offline logs without a network)"""
+    wandb_project_name: str = "amago2-clean"
+    """the wandb project (with --track)"""
+    wandb_entity: str | None = None
+    """the wandb team or user (with --track; None: your default entity)"""
     save_model: bool = False
     """checkpoint everything (weights, optimiser, statistics, RNG, replay buffer) every --checkpoint-every steps"""
     checkpoint_every: int = 1_000_000
     """environment steps between checkpoints (with --save-model)"""
     resume: str | None = None
     """a run folder to continue from its last checkpoint, with its saved flags (--total-timesteps may be raised)"""
+    eval_only: bool = False
+    """with --resume RUN_DIR: evaluate its checkpoint's agent (--eval-episodes per task), train nothing, change nothing"""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocasts the update's matmuls (faster on CPUs and GPUs with bf16 units)"""
     compile: bool = False
@@ -67,6 +75,8 @@ class Args:
     """evaluation meta-rollouts per game, on unseen levels (our choice)"""
     log_every: float = 5.0
     """seconds between redraws of the progress bar"""
+    capture_video: bool = False
+    """record every evaluation meta-rollout of the first evaluation task to runs/<run_name>/videos (needs moviepy)"""
 
     # Algorithm specific arguments
     mode: Literal["easy", "memory-hard"] = "easy"
@@ -153,6 +163,8 @@ class Args:
     # filled in at runtime
     run_name: str = ""
     """runs/<run_name>: filled in at runtime"""
+    wandb_id: str = ""
+    """the wandb run's id, saved with the flags so that --resume continues the same run: filled in at runtime"""
 
     def __post_init__(self):
         """Flags left at None (or --games left empty) take the paper's value for --mode."""
@@ -221,6 +233,9 @@ class ProcgenMetaEnv(gym.Env):
     single-level env per meta-rollout would also work, but gym3 keeps every env's cffi library handle until the process
     exits: memory lost with every meta-rollout."""
 
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
+    render_mode = "rgb_array"  # render() shows the last observation, the agent's own 64x64 view
+
     def __init__(
         self, mode="easy", games=None, train=True, num_train_levels=2000, reward_scales=None, task=None, horizon=None
     ):
@@ -240,7 +255,11 @@ class ProcgenMetaEnv(gym.Env):
         # frame is a copy already (gym3's observe copies its buffers): the box never reaches procgen's own frame
         if self.attempt == 2:
             frame[BOX] = 0  # lets even a memoryless critic tell the attempts apart (paper App. B)
+        self.frame = frame
         return {"image": frame}
+
+    def render(self) -> np.ndarray:
+        return self.frame
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -332,7 +351,19 @@ def make_env(args: Args, env_idx: int, train: bool, task: str | None = None) -> 
     # policy reads the previous reward as an input; its reported returns are on the default scale either way.
     scales = parse_reward_scales(args.reward_scales, PROCGEN_GAMES)  # bad flags fail here, not in a worker
 
-    return lambda: ProcgenMetaEnv(args.mode, args.games, train, args.num_train_levels, scales, task, args.horizon)
+    def thunk():
+        env = ProcgenMetaEnv(args.mode, args.games, train, args.num_train_levels, scales, task, args.horizon)
+        return record_video(env, args) if args.capture_video and not train and env_idx == 0 else env
+
+    return thunk
+
+
+def record_video(env: gym.Env, args: Args) -> gym.Env:
+    """--capture-video, evaluation env 0: every meta-rollout, all its attempts in one file, to runs/<run_name>/videos
+    (gymnasium's RecordVideo, written with moviepy): a frame at the meta-rollout's reset and one after every step."""
+    folder = os.path.join("runs", args.run_name, "videos")
+    wanted = lambda e: not args.eval_only or e < args.eval_episodes  # noqa: E731 (eval-only: the ones it scores)
+    return gym.wrappers.RecordVideo(env, folder, episode_trigger=wanted, disable_logger=True)
 
 
 def make_eval_envs(args: Args) -> list:
@@ -955,6 +986,27 @@ def evaluate(agent: Agent, rollouts: MetaRollouts, episodes: int, seed: int) -> 
     return {task: {k: float(np.mean([m[k] for m in ms])) for k in ms[0]} for task, ms in sorted(results.items())}
 
 
+def log_eval(writer, per_task: dict[str, dict[str, float]], step: int) -> dict[str, float]:
+    """Log each task's metrics and the benchmark's summary under eval/; returns the summary."""
+    summary = summarize_eval(per_task)
+    for k, v in ({f"{task}/{k}": v for task, m in per_task.items() for k, v in m.items()} | summary).items():
+        writer.add_scalar(f"eval/{k}", v, step)
+    return summary
+
+
+def evaluate_only(agent: Agent, eval_envs: gym.vector.VectorEnv, args: Args, device):
+    """--resume RUN_DIR --eval-only: the saved agent plays --eval-episodes meta-rollouts per evaluation task. The summary
+    is printed and logged to runs/<run_name>/eval_only at the checkpoint's step; the checkpoint is only read."""
+    state = read_checkpoint(args.resume)
+    agent.load_state_dict(state["agent"])
+    step = state["counters"]["global_step"]
+    per_task = evaluate(agent, MetaRollouts(eval_envs, agent, args, device), args.eval_episodes, seed=10**6 + step)
+    eval_envs.close()  # writes the last video (--capture-video)
+    with SummaryWriter(os.path.join("runs", args.run_name, "eval_only")) as writer:
+        summary = log_eval(writer, per_task, step)
+    tqdm.write(f"eval-only: {args.run_name} at step {step:,}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+
+
 def replay_fields(obs_space: gym.spaces.Dict, action_space: gym.Space) -> dict:
     """Per timestep: the observation, the token's other inputs, and the learner's reward and terminal flag into it."""
     fields = {k: (s.shape, s.dtype) for k, s in obs_space.items()} | {"prev_action": (action_space.shape, action_space.dtype)}
@@ -1084,6 +1136,7 @@ def save_checkpoint(
         state = {"agent": agent.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         counters = {"global_step": global_step, "updates": updates}
         state |= {"counters": counters, "buffer": snapshot, "args": asdict(args), "world_size": world}
+        state["script"] = os.path.basename(__file__)  # a checkpoint resumes only with the script that wrote it
         torch.save(state, os.path.join(folder, "state.pt.tmp"))
         os.replace(os.path.join(folder, "state.pt.tmp"), os.path.join(folder, "state.pt"))
     if dist.is_initialized():
@@ -1091,10 +1144,24 @@ def save_checkpoint(
     ReplayBuffer.remove_snapshots(shard, keep=snapshot)
 
 
+def read_checkpoint(run_dir: str) -> dict:
+    """A run folder's state.pt, or one error line: no checkpoint, a damaged file, or another script's checkpoint."""
+    path = os.path.join(run_dir, "checkpoint", "state.pt")
+    if not os.path.exists(path):
+        fail(f"--resume {run_dir}: no checkpoint at {path} (was the run started with --save-model?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or overwritten: torch's own error is a long traceback
+        fail(f"--resume {run_dir}: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]})")
+    if state.get("script") != os.path.basename(__file__):
+        fail(f"--resume {run_dir}: the checkpoint was written by {state.get('script', 'another script')}; use that script")
+    return state
+
+
 def load_checkpoint(run_dir: str, agent, optimizer, scheduler, buffer: ReplayBuffer, rng) -> tuple[int, int]:
     """Restores everything save_checkpoint wrote; returns (global_step, updates)."""
     folder = os.path.join(run_dir, "checkpoint")
-    state = torch.load(os.path.join(folder, "state.pt"), map_location="cpu", weights_only=False)
+    state = read_checkpoint(run_dir)
     for name, obj in [("agent", agent), ("optimizer", optimizer), ("scheduler", scheduler)]:
         obj.load_state_dict(state[name])
     shard = os.path.join(folder, f"rank{rank_and_world()[0]}", state["buffer"])
@@ -1139,17 +1206,19 @@ def check_ranges(args: Args):
 
 def resolve_args(args: Args) -> Args:
     """Resume: take the saved run's flags (a larger --total-timesteps is kept); then check every flag."""
+    if args.eval_only and (not args.resume or rank_and_world()[1] > 1):
+        fail("--eval-only evaluates a saved run under plain python: give its folder, --resume runs/<run_name>")
     if args.resume:
-        path = os.path.join(args.resume, "checkpoint", "state.pt")
-        if not os.path.exists(path):
-            fail(f"--resume {args.resume}: no checkpoint at {path} (was the run started with --save-model?)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(args.resume)
         saved, n, world = state["args"], state["world_size"], rank_and_world()[1]
-        if n != world:
+        if n != world and not args.eval_only:
             how = "plain python" if n == 1 else f"torchrun with {n} ranks in all (e.g. --nproc-per-node {n})"
             fail(f"--resume {args.resume}: the run was saved by {n} rank(s) and this job has {world}; resume it with {how}")
         total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved["total_timesteps"]
-        args = Args(**{**saved, "resume": args.resume, "total_timesteps": total})
+        given = {"resume": args.resume, "total_timesteps": total, "eval_only": args.eval_only}
+        if args.eval_only:  # how to evaluate is this command's to say
+            given |= {"eval_episodes": args.eval_episodes, "capture_video": args.capture_video, "device": args.device}
+        args = Args(**{**saved, **given})
     check_ranges(args)
     if args.d_model % args.n_heads:
         fail(f"--d-model {args.d_model} must be divisible by --n-heads {args.n_heads}")
@@ -1169,8 +1238,15 @@ def resolve_args(args: Args) -> Args:
     if args.compile and on_cpu and not shutil.which(os.environ.get("CXX", "g++")):
         fail("--compile on a CPU needs a C++ compiler for torch.compile (g++, or set CXX): install one or drop --compile")
     check_env_args(args)
+    if args.capture_video:
+        try:  # gymnasium's RecordVideo writes with moviepy: find out here, not in an env subprocess
+            import moviepy  # noqa: F401
+        except ImportError as e:
+            fail(f"--capture-video needs moviepy, which does not import ({e}); see requirements.txt")
     if not args.run_name:
         args.run_name = f"{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track and not args.wandb_id:
+        args.wandb_id = os.urandom(4).hex()
     return args
 
 
@@ -1193,6 +1269,9 @@ if __name__ == "__main__":
     obs_space, action_space = envs.single_observation_space, envs.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
+    if args.eval_only:
+        evaluate_only(agent, eval_envs, args, device)
+        sys.exit(0)
     params = [p for p in agent.parameters() if p.requires_grad]  # not the EMA heads
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
@@ -1215,6 +1294,11 @@ if __name__ == "__main__":
     if args.resume:
         global_step, updates = load_checkpoint(run_dir, agent, optimizer, scheduler, buffer, rng)
         say(f"resumed {run_dir} at step {global_step:,} after {updates:,} updates")
+    if args.track and rank == 0:  # before the writer: wandb mirrors what it writes (sync_tensorboard)
+        import wandb
+
+        names = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, id=args.wandb_id)
+        wandb.init(**names, resume="allow", sync_tensorboard=True, config=vars(args), save_code=True)
     writer = SummaryWriter(run_dir, purge_step=global_step or None) if rank == 0 else NullWriter()
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     n = sum(p.numel() for p in params)
@@ -1299,9 +1383,7 @@ if __name__ == "__main__":
         final = global_step >= args.total_timesteps
         if rank == 0 and (crossed(epoch_start, global_step, args.eval_every) or final):
             per_task = evaluate(agent, eval_rollouts, args.eval_episodes, seed=10**6 + global_step)
-            summary = summarize_eval(per_task)
-            for k, v in ({f"{task}/{k}": v for task, m in per_task.items() for k, v in m.items()} | summary).items():
-                writer.add_scalar(f"eval/{k}", v, global_step)
+            summary = log_eval(writer, per_task, global_step)
             say("eval: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
         if args.save_model and (crossed(epoch_start, global_step, args.checkpoint_every) or final):
             save_checkpoint(run_dir, agent, optimizer, scheduler, buffer, global_step, updates, rng, args)

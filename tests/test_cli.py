@@ -140,11 +140,24 @@ def test_bf16_async_disk_buffer(name, tmp_path):
     assert rollout_id.shape[1] == 2 and len(stored) == SCRIPTS[name]["steps"] + len(np.unique(stored))
 
 
+def wandb_runs(tmp_path) -> dict:
+    """The offline wandb runs under tmp_path/wandb: run id -> the bytes of each of its .wandb files (one per process)."""
+    runs = {}
+    for folder in sorted((tmp_path / "wandb").glob("offline-run-*")):
+        runs.setdefault(folder.name.rsplit("-", 1)[1], []).append(next(folder.glob("run-*.wandb")).read_bytes())
+    return runs
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_save_then_resume_continues(name, tmp_path):
+def test_save_then_resume_continues(name, tmp_path, monkeypatch):
+    """--save-model, --resume (the same wandb run under --track, offline here), then --eval-only on the checkpoint."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
     steps = SCRIPTS[name]["steps"]
-    out = run(name, [*tiny(name), "--save-model", "--checkpoint-every", str(steps // 2), "--run-name", "r"], tmp_path)
+    flags = [*tiny(name), "--save-model", "--checkpoint-every", str(steps // 2), "--run-name", "r", "--track"]
+    out = run(name, flags, tmp_path)
     assert out.returncode == 0, out.stderr
+    (run_id, logs), *others = wandb_runs(tmp_path).items()
+    assert not others and b"losses/actor" in logs[0] and b"eval/" in logs[0]  # the TensorBoard scalars, mirrored
     ckpt = tmp_path / "runs" / "r" / "checkpoint"
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert state["counters"] == {"global_step": steps, "updates": 4}
@@ -161,6 +174,41 @@ def test_save_then_resume_continues(name, tmp_path):
     assert (ids[kept] == saved_ids[kept]).sum() > 0 and ids.max() > saved_ids.max()
     assert sorted(os.listdir(ckpt)) == ["rank0", "state.pt"]
     assert os.listdir(ckpt / "rank0") == [state2["buffer"]]  # older snapshots removed
+    assert list(wandb_runs(tmp_path)) == [run_id] and len(wandb_runs(tmp_path)[run_id]) == 2  # resumed: the same run
+
+    saved = (ckpt / "state.pt").read_bytes()
+    video = [] if name == "popgym" else ["--capture-video"]  # POPGym has no frames (refused: the next test)
+    out = run(name, ["--resume", "runs/r", "--eval-only", "--eval-episodes", "2", *video], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"eval-only: r at step {2 * steps:,}: " in out.stdout and "resumed" not in out.stdout
+    assert (ckpt / "state.pt").read_bytes() == saved and sorted(os.listdir(ckpt)) == ["rank0", "state.pt"]
+    assert {t for t in SCRIPTS[name]["tags"] if t.startswith("eval/")} <= scalar_tags(tmp_path / "runs" / "r" / "eval_only")
+    if video:  # one file per scored meta-rollout of the first evaluation task, every attempt in it
+        from moviepy import VideoFileClip
+
+        files = sorted((tmp_path / "runs" / "r" / "videos").glob("*.mp4"))
+        frames = [VideoFileClip(str(f)).reader.n_frames for f in files]
+        assert len(files) == 2 and min(frames) >= 2, frames
+        if name == "metaworld":  # fixed length: k = 3 attempts of 10 steps, a frame per step
+            assert frames == [30, 30]
+
+
+def test_eval_only_refuses_what_it_cannot_evaluate(tmp_path):
+    """No run folder, a damaged state.pt, another script's checkpoint, no --resume: one error line each."""
+    assert run("popgym", [*tiny("popgym"), "--save-model", "--run-name", "r"], tmp_path).returncode == 0
+    state = tmp_path / "runs" / "r" / "checkpoint" / "state.pt"
+    cases = [
+        ("popgym", ["--eval-only"], "--eval-only evaluates a saved run"),
+        ("babyai", ["--resume", "runs/r", "--eval-only"], "the checkpoint was written by amago2_popgym.py; use that script"),
+        ("popgym", ["--resume", "runs/r", "--eval-only", "--capture-video"], "POPGym's tasks have no frames"),
+    ]
+    for name, flags, message in cases:
+        out = run(name, flags, tmp_path)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    state.write_bytes(state.read_bytes()[:1000])  # a copy cut short
+    out = run("popgym", ["--resume", "runs/r", "--eval-only"], tmp_path)
+    assert out.returncode == 2 and "state.pt is damaged" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -174,6 +222,7 @@ def test_unusable_buffer_dir_is_refused_in_one_line(name, tmp_path):
 
 COMMON_BAD = [
     (["--context-len", "0"], "--context-len 0 is out of range: it must be an integer >= 1"),
+    (["--eval-only"], "--eval-only evaluates a saved run under plain python: give its folder, --resume runs/<run_name>"),
     (["--batch-size", "500"], "cannot serve batches"),
     (["--resume", "runs/nothing-here"], "no checkpoint"),
 ]
@@ -181,8 +230,8 @@ COMMON_BAD = [
 
 @pytest.mark.parametrize(
     "name,flags,message",
-    [(name, f, m) for name in SCRIPTS for f, m in COMMON_BAD[:1] + SCRIPTS[name]["bad"]]
-    + [("popgym", *b) for b in COMMON_BAD[1:]],
+    [(name, f, m) for name in SCRIPTS for f, m in COMMON_BAD[:2] + SCRIPTS[name]["bad"]]
+    + [("popgym", *b) for b in COMMON_BAD[2:]],
 )
 def test_bad_flags_exit_with_a_clear_message(name, flags, message, tmp_path):
     out = run(name, [*tiny(name), *flags], tmp_path)
