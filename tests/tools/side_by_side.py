@@ -348,13 +348,14 @@ def run_all(jobs: list[dict], parallel: int):
 
 # ==== Reading both sides' curves and rates =============================================================================
 def read_ours(demo: str, name: str, a) -> dict:
-    """Curve of the demo's metric, and the time split: SPS = steps / (collect + update seconds), updates/s per epoch."""
+    """Curve of the demo's metric, and the time split. Each epoch logs charts/SPS after collecting (steps / (collect +
+    update seconds so far), so without that epoch's updates) and charts/updates_per_second after its update phase."""
     steps, values, minutes = bl.read_curve(name, bl.BENCHMARKS[demo]["metric"])
     acc = bl.scalars(name)
     ups = np.array([e.value for e in acc.Scalars("charts/updates_per_second")])
     sps = acc.Scalars("charts/SPS")[-1]
     update_s = float(np.sum(a.updates_per_epoch / ups))
-    collect_s = sps.step / sps.value - update_s
+    collect_s = sps.step / sps.value - float(np.sum(a.updates_per_epoch / ups[:-1]))  # the last update phase came after
     return dict(
         steps=steps,
         values=values,
@@ -653,6 +654,9 @@ def logged_experiment_class():
             self.jsonl = open(os.path.join(self.parity["out_dir"], "metrics.jsonl"), "w")
             super().start()
             self.clock["startup"] = time.time() - self.t0
+            # their count includes the target actor and the target and "maximized" critic copies; ours leaves them out
+            trained = sum(p.numel() for p in self.policy.trainable_params)
+            print(f"{type(self.policy).__name__}: {amago_utils.count_params(self.policy):,} parameters, {trained:,} trained")
 
         def frames(self) -> int:
             return int(sum(amago_utils.call_async_env(self.train_envs, "total_frames")))
@@ -681,6 +685,9 @@ def logged_experiment_class():
 
         def log(self, metrics_dict, key):
             super().log(metrics_dict, key)
+            self.write_row(key, metrics_dict)
+
+        def write_row(self, key: str, metrics_dict: dict):
             out = dict(key=key, frames=self.frames(), updates=self.updates, wall_s=time.time() - self.t0)
             out.update({f"{k}_s": v for k, v in self.clock.items()})
             out.setdefault("startup_s", out["wall_s"])
@@ -697,6 +704,7 @@ def logged_experiment_class():
                 )
 
         def close_log(self):
+            self.write_row("end", {})  # the clocks after the final evaluation (its own row was written inside it)
             self.jsonl.close()
 
     return LoggedExperiment
