@@ -15,7 +15,7 @@ import amago2_atari as atari  # noqa: E402
 
 
 def make_args(**kw):
-    args = dict(seed=3, games=list(atari.GAMES), clip_rewards=False, capture_video=False, run_name="test")
+    args = dict(seed=3, games=list(atari.GAMES), clip_rewards=False, capture_video=False, run_name="test", eval_only=False)
     args.update(kw)
     return SimpleNamespace(**args)
 
@@ -170,7 +170,7 @@ def test_summarize_eval():
 
 
 def test_capture_video_wraps_eval_env_0_only(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # videos/<run_name> is relative to the working directory
+    monkeypatch.chdir(tmp_path)  # runs/<run_name>/videos is relative to the working directory
     args = make_args(capture_video=True)
     assert isinstance(atari.make_env(args, 0, train=True)(), atari.AtariEnv)
     assert isinstance(atari.make_env(args, 1, train=False)(), atari.AtariEnv)
@@ -182,7 +182,7 @@ def test_capture_video_wraps_eval_env_0_only(tmp_path, monkeypatch):
     for _ in range(5):
         env.step(0)
     env.close()  # writes the episode recorded so far
-    assert os.listdir(tmp_path / "videos" / "test") == ["rl-video-episode-0.mp4"]
+    assert os.listdir(tmp_path / "runs" / "test" / "videos") == ["rl-video-episode-0.mp4"]
 
 
 # ---------------------------------------------------------------- replay of uint8 frames on disk

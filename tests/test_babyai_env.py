@@ -198,7 +198,7 @@ def test_task_and_seed_sampling():
 
 
 def test_make_env_in_a_vector_env():
-    args = SimpleNamespace(seed=7, k_episodes=2, tasks=ab.TRAIN_TASKS, test_tasks=ab.TEST_TASKS)
+    args = SimpleNamespace(seed=7, k_episodes=2, tasks=ab.TRAIN_TASKS, test_tasks=ab.TEST_TASKS, capture_video=False)
     envs = gym.vector.SyncVectorEnv([ab.make_env(args, i, train=True) for i in range(2)])
     obs, _ = envs.reset()
     assert obs["image"].shape == (2, 7, 7, 3) and obs["mission"].shape == (2, ab.MAX_MISSION_LEN)
@@ -245,7 +245,9 @@ def test_summarize_eval_known_answer():
 
 
 def test_eval_envs_cover_both_splits_on_unseen_layouts():
-    args = SimpleNamespace(seed=0, k_episodes=2, eval_tasks_per_split=None, tasks=ab.TRAIN_TASKS, test_tasks=ab.TEST_TASKS)
+    args = SimpleNamespace(
+        seed=0, k_episodes=2, eval_tasks_per_split=None, tasks=ab.TRAIN_TASKS, test_tasks=ab.TEST_TASKS, capture_video=False
+    )
     envs = [thunk() for thunk in ab.make_eval_envs(args)]
     assert [e.tasks[0] for e in envs] == ab.TRAIN_TASKS + ab.TEST_TASKS
     assert all(e.seed_range == ab.EVAL_SEED_RANGE for e in envs)  # training tasks too: unseen layouts

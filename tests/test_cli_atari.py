@@ -21,4 +21,4 @@ def test_capture_video(tmp_path):
         return
     out = run([*TINY, "--capture-video", "--run-name", "v"], tmp_path)
     assert out.returncode == 0, out.stderr
-    assert any(f.endswith(".mp4") for f in os.listdir(tmp_path / "videos" / "v"))
+    assert any(f.endswith(".mp4") for f in os.listdir(tmp_path / "runs" / "v" / "videos"))

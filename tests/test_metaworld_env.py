@@ -203,7 +203,7 @@ def test_ml45_classes_and_pinned_test_task(few_goals):
 
 
 def test_make_env_vector():
-    args = SimpleNamespace(seed=7, benchmark="ML1", ml1_task="push-v3", k_episodes=2, episode_length=500)
+    args = SimpleNamespace(seed=7, benchmark="ML1", ml1_task="push-v3", k_episodes=2, episode_length=500, capture_video=False)
     envs = gym.vector.SyncVectorEnv([make_env(args, i, train=True) for i in range(2)])
     obs, _ = envs.reset()
     assert obs["obs"].shape == (2, 39)
@@ -217,7 +217,7 @@ def test_make_env_vector():
 
 
 def test_make_eval_envs_one_per_train_and_test_task():
-    args = SimpleNamespace(seed=0, benchmark="ML1", ml1_task="reach-v3", k_episodes=1, episode_length=2)
+    args = SimpleNamespace(seed=0, benchmark="ML1", ml1_task="reach-v3", k_episodes=1, episode_length=2, capture_video=False)
     envs = [thunk() for thunk in make_eval_envs(args)]
     assert [rollout(env, seed=0)[-1]["info"]["task"] for env in envs] == ["reach-v3", "test/reach-v3"]
     test_goals = {tuple(pickle.loads(v.data)["rand_vec"]) for v in envs[1].variants["reach-v3"]}

@@ -239,7 +239,13 @@ def test_constructor_errors():
 
 def test_make_env():
     args = SimpleNamespace(
-        seed=1, mode="easy", games=[], reward_scales="coinrun=100,climber=0.1", num_train_levels=500, horizon=None
+        seed=1,
+        mode="easy",
+        games=[],
+        reward_scales="coinrun=100,climber=0.1",
+        num_train_levels=500,
+        horizon=None,
+        capture_video=False,
     )
     train = ap.make_env(args, 0, train=True)()
     assert train.games == ap.MODES["easy"][0] and train.horizon == 2500
@@ -250,7 +256,13 @@ def test_make_env():
         evaluation.reset(seed=0)
         assert evaluation.game == "ninja"
     args = SimpleNamespace(
-        seed=1, mode="memory-hard", games=["maze", "heist"], reward_scales="maze=2", num_train_levels=2000, horizon=None
+        seed=1,
+        mode="memory-hard",
+        games=["maze", "heist"],
+        reward_scales="maze=2",
+        num_train_levels=2000,
+        horizon=None,
+        capture_video=False,
     )
     env = ap.make_env(args, 3, train=True)()
     assert env.games == ["maze", "heist"] and env.horizon == 5000 and env.reward_scales == {"maze": 2.0}
