@@ -13,6 +13,7 @@ import argparse
 import importlib
 import os
 import sys
+import textwrap
 
 import torch
 from PIL import Image, ImageDraw
@@ -65,7 +66,9 @@ def compose(attempts: list, metrics: dict, caption: str, scale: float) -> list:
     """One image per time step: the attempts' panels side by side, each labelled, and the caption below."""
     h, w = attempts[0][0].shape[:2]
     pw, ph = int(w * scale), int(h * scale)
-    band = 34
+    width = pw * len(attempts)
+    lines = [wrapped for line in caption.split("\\n") for wrapped in textwrap.wrap(line, width // 6) or [""]]
+    band = 14 * len(lines) + 6  # PIL's default font: ~6 px per character, 14 px per line
     frames = []
     for i in range(max(len(a) for a in attempts)):
         canvas = Image.new("RGB", (pw * len(attempts), ph + 16 + band), "white")
@@ -76,7 +79,7 @@ def compose(attempts: list, metrics: dict, caption: str, scale: float) -> list:
             done = i >= len(frames_k) - 1
             outcome = ("success" if metrics.get(f"success_{k + 1}", 0) > 0 else "no success") if done else "..."
             draw.text((k * pw + 4, 2), f"attempt {k + 1}: {outcome}", fill="black")
-        for j, line in enumerate(caption.split("\\n")[:2]):
+        for j, line in enumerate(lines):
             draw.text((4, ph + 18 + 14 * j), line, fill="black")
         frames.append(canvas.convert("P", palette=Image.Palette.ADAPTIVE, colors=64))
     return frames
