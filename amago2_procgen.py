@@ -1276,6 +1276,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / args.warmup_updates))
     if args.compile:  # the first updates pay the compile time (dynamic: batches are trimmed to varying lengths)
+        torch._functorch.config.donated_buffer = False  # grad_norms runs the logged update's backward graph twice
         agent.critics.compile(dynamic=True)
         agent.target_critics.compile(dynamic=True)
     if world > 1:

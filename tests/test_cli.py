@@ -123,6 +123,14 @@ def test_loss_combinations_run(name, actor_loss, critic_loss, tmp_path):
     assert expected <= tags, expected - tags
 
 
+def test_compile_runs_the_whole_loop(tmp_path):
+    """--compile from the command line: the logged update's two extra backward passes (grad_norms) go through the
+    compiled critics' graph, which torch.compile's donated buffers would otherwise refuse."""
+    out = run("popgym", [*tiny("popgym"), "--compile", "--run-name", "c"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert {"losses/grad_norm_actor", "losses/grad_norm_critic"} <= scalar_tags(tmp_path / "runs" / "c")
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_bf16_async_disk_buffer(name, tmp_path):
     """The options a paper-size run uses, with the benchmark's own: one run, and the buffer really is on disk."""
