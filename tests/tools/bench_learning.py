@@ -254,7 +254,7 @@ def diagnostics_by_fifth(name: str) -> dict[str, list[float]]:
     return out
 
 
-def plot(benchmark: str, spec: dict, curves: dict, random_level: float, figure: str):
+def plot(benchmark: str, spec: dict, curves: dict, random_level: float, figure: str, folder: str):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -280,8 +280,8 @@ def plot(benchmark: str, spec: dict, curves: dict, random_level: float, figure: 
     ax.set_title(f"{benchmark}: CPU demo ({spec['script']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.join(ROOT, "docs", "figures"), exist_ok=True)
-    path = os.path.join(ROOT, "docs", "figures", f"{figure}.png")
+    os.makedirs(os.path.join(ROOT, folder), exist_ok=True)
+    path = os.path.join(ROOT, folder, f"{figure}.png")
     fig.savefig(path, dpi=120)
     print(f"figure: {os.path.relpath(path, ROOT)}")
 
@@ -298,7 +298,11 @@ def main():
         help="only this config (repeatable): trained, or with --report-only "
         "reported; by default every config is trained and the report covers every config run",
     )
-    parser.add_argument("--figure", help="figure name under docs/figures (default: the benchmark's name)")
+    parser.add_argument(
+        "--figure",
+        help="figure name under docs/figures (default: the benchmark's name; with --config and no --figure the figure "
+        "goes to runs/, so that a probe never redraws a README figure)",
+    )
     opts = parser.parse_args()
     spec = BENCHMARKS[opts.benchmark]
     for config in set(opts.config or []) - set(spec["configs"]):
@@ -370,7 +374,8 @@ def main():
         for config in curves:
             finals = [per_task_final(run_name(opts.benchmark, config, seed)) for seed in curves[config]]
             print(f"| {config} | " + " | ".join(f"{np.mean([f[t] for f in finals]):.3f}" for t in tasks) + " |")
-    plot(opts.benchmark, spec, curves, random_level, opts.figure or opts.benchmark)
+    folder = "runs" if opts.config and not opts.figure else os.path.join("docs", "figures")
+    plot(opts.benchmark, spec, curves, random_level, opts.figure or opts.benchmark, folder)
 
 
 if __name__ == "__main__":
