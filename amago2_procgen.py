@@ -1153,8 +1153,10 @@ def read_checkpoint(run_dir: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or overwritten: torch's own error is a long traceback
         fail(f"--resume {run_dir}: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]})")
-    if state.get("script") != os.path.basename(__file__):
-        fail(f"--resume {run_dir}: the checkpoint was written by {state.get('script', 'another script')}; use that script")
+    mine = os.path.basename(__file__)  # checkpoints older than the "script" entry: known by their flags
+    by = state.get("script") or (mine if set(state["args"]) <= set(Args.__dataclass_fields__) else "another script")
+    if by != mine:
+        fail(f"--resume {run_dir}: the checkpoint was written by {by}; use that script")
     return state
 
 

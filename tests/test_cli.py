@@ -213,6 +213,12 @@ def test_eval_only_refuses_what_it_cannot_evaluate(tmp_path):
     for name, flags, message in cases:
         out = run(name, flags, tmp_path)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    saved = torch.load(state, weights_only=False)
+    torch.save({k: v for k, v in saved.items() if k != "script"}, state)  # written before checkpoints named their script
+    assert (
+        "the checkpoint was written by another script" in run("babyai", ["--resume", "runs/r", "--eval-only"], tmp_path).stderr
+    )
+    assert run("popgym", ["--resume", "runs/r", "--eval-only", "--eval-episodes", "1"], tmp_path).returncode == 0
     state.write_bytes(state.read_bytes()[:1000])  # a copy cut short
     out = run("popgym", ["--resume", "runs/r", "--eval-only"], tmp_path)
     assert out.returncode == 2 and "state.pt is damaged" in out.stderr and "Traceback" not in out.stderr
