@@ -263,8 +263,10 @@ def record_video(env: gym.Env, args: Args) -> gym.Env:
     """--capture-video, evaluation env 0: every meta-rollout, all its attempts in one file, to runs/<run_name>/videos
     (gymnasium's RecordVideo, written with moviepy): a frame at the meta-rollout's reset and one after every step."""
     folder = os.path.join("runs", args.run_name, "videos")
-    wanted = lambda e: not args.eval_only or e < args.eval_episodes  # noqa: E731 (eval-only: the ones it scores)
-    return gym.wrappers.RecordVideo(env, folder, episode_trigger=wanted, disable_logger=True)
+    # --eval-only records exactly the meta-rollouts it scores; a training run's evaluations record every one
+    return gym.wrappers.RecordVideo(
+        env, folder, episode_trigger=lambda e: not args.eval_only or e < args.eval_episodes, disable_logger=True
+    )
 
 
 def make_eval_envs(args: Args) -> list:
@@ -783,10 +785,11 @@ def diagnostics(agent: Agent, batch: dict, pi, q_buffer: torch.Tensor, keep, y: 
     # the acting gamma's Q against the discounted return that followed, in windows that reach their rollout's end: a
     # scalar critic approaches it as values propagate; two-hot Q (symexp of a symlog-space mean) lags below a positive one
     B, l = batch["reward"][:, 1:].shape
-    ends = valid.view(B, l) & (batch["terminal"][:, 1:].bool() & valid.view(B, l)).any(1, keepdim=True)  # (B, l)
+    real = valid.view(B, l)
+    ends = real & (batch["terminal"][:, 1:].bool() & real).any(1, keepdim=True)  # (B, l)
     if ends.any():
         reward = args.reward_multiplier * batch["reward"][:, 1:].float()
-        mc = monte_carlo_returns(reward, valid.view(B, l), agent.gammas[g].item())  # (B, l)
+        mc = monte_carlo_returns(reward, real, agent.gammas[g].item())  # (B, l)
         metrics["losses/mc_return"] = mc[ends].mean()
         metrics["losses/q_minus_mc"] = (q_buffer[:, g].mean(-1).view(B, l) - mc)[ends].mean()
     return metrics
@@ -1166,9 +1169,10 @@ if __name__ == "__main__":
     run_dir = f"runs/{args.run_name}"
 
     thunks = [make_env(args, rank * args.num_envs + i, train=True) for i in range(args.num_envs)]
-    envs = make_vector_env(thunks, args.async_envs)
+    envs = None if args.eval_only else make_vector_env(thunks, args.async_envs)  # eval-only plays the eval envs alone
     eval_envs = make_vector_env(make_eval_envs(args), args.async_envs) if rank == 0 else None
-    obs_space, action_space = envs.single_observation_space, envs.single_action_space
+    spaces = eval_envs if args.eval_only else envs
+    obs_space, action_space = spaces.single_observation_space, spaces.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
     if args.eval_only:

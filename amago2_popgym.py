@@ -221,9 +221,8 @@ class POPGymMetaEnv(gym.Env):
         prev_reward = float(raw_reward) * self.reward_scales.get(self.task, 1.0)  # what the next timestep shows the policy
         exploring = self.one_shot and self.episode == 0
         info = {"prev_reward": prev_reward, "new_episode": bool(terminated or truncated) and exploring}
-        reward = (
-            0.0 if exploring else prev_reward
-        )  # the learning reward: the exploration episode's is an input, never a target
+        # the learning reward: the exploration episode's reward is an input, never a target
+        reward = 0.0 if exploring else prev_reward
         if info["new_episode"]:
             # CRUCIAL: the end of the exploration episode is not a terminal; memory carries over
             self.episode, terminated, truncated = 1, False, False
@@ -747,10 +746,11 @@ def diagnostics(agent: Agent, batch: dict, pi, q_buffer: torch.Tensor, keep, y: 
     # the acting gamma's Q against the discounted return that followed, in windows that reach their rollout's end: a
     # scalar critic approaches it as values propagate; two-hot Q (symexp of a symlog-space mean) lags below a positive one
     B, l = batch["reward"][:, 1:].shape
-    ends = valid.view(B, l) & (batch["terminal"][:, 1:].bool() & valid.view(B, l)).any(1, keepdim=True)  # (B, l)
+    real = valid.view(B, l)
+    ends = real & (batch["terminal"][:, 1:].bool() & real).any(1, keepdim=True)  # (B, l)
     if ends.any():
         reward = args.reward_multiplier * batch["reward"][:, 1:].float()
-        mc = monte_carlo_returns(reward, valid.view(B, l), agent.gammas[g].item())  # (B, l)
+        mc = monte_carlo_returns(reward, real, agent.gammas[g].item())  # (B, l)
         metrics["losses/mc_return"] = mc[ends].mean()
         metrics["losses/q_minus_mc"] = (q_buffer[:, g].mean(-1).view(B, l) - mc)[ends].mean()
     return metrics
@@ -1130,9 +1130,10 @@ if __name__ == "__main__":
     run_dir = f"runs/{args.run_name}"
 
     thunks = [make_env(args, rank * args.num_envs + i, train=True) for i in range(args.num_envs)]
-    envs = make_vector_env(thunks, args.async_envs)
+    envs = None if args.eval_only else make_vector_env(thunks, args.async_envs)  # eval-only plays the eval envs alone
     eval_envs = make_vector_env(make_eval_envs(args), args.async_envs) if rank == 0 else None
-    obs_space, action_space = envs.single_observation_space, envs.single_action_space
+    spaces = eval_envs if args.eval_only else envs
+    obs_space, action_space = spaces.single_observation_space, spaces.single_action_space
     action_dim = int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else int(action_space.shape[0])
     agent = Agent(obs_space, action_dim, args).to(device)
     if args.eval_only:
