@@ -168,8 +168,6 @@ TRAIN_TASKS = [
     "GoToRedBlueBall", "OpenDoorColor", "PickupAbove", "GoToObjDoor", "OpenRedBlueDoors", "UnlockToUnlock",
     "OneRoomS16", "GoToLocalS8N6", "OneRoomS8", "PickupDistDebug",
 ]
-# fmt: on
-# fmt: off
 TEST_TASKS = [
     "GoToRedBallGrey", "GoToObj", "GoToObjS4", "GoToLocalS5N2", "GoToLocalS6N2", "GoToLocalS6N3", "GoToLocalS6N4",
     "GoToLocalS7N4", "GoToLocalS8N2", "GoToLocalS8N3", "GoToLocalS8N7", "GoToObjMazeS7", "OpenDoorLoc",
@@ -978,48 +976,33 @@ def explore(actions: np.ndarray, eps: np.ndarray, action_space: gym.spaces.Discr
 
 # ==== Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this ===============================
 class Progress:
-    """A tqdm bar over environment steps with updates, SPS, the recent return and an ETA: steps left at the measured
-    collection rate plus updates left at the measured update rate ("estimating" until both are timed)."""
+    """A tqdm bar over environment steps with updates, SPS and the recent return. Its ETA is tqdm's at the average rate
+    since the start (smoothing=0): wall time per step, so update phases and evaluations are counted in it."""
 
     def __init__(self, args: Args, global_step: int, updates: int):
-        rank, world = rank_and_world()
-        epoch_steps = args.num_envs * args.steps_per_epoch * world  # under torchrun, an epoch of every rank
-        epochs_left = -(-max(args.total_timesteps - global_step, 0) // epoch_steps)  # ceil: the last one may be cut short
-        self.updates, self.first_update, self.total_updates = updates, updates, updates + epochs_left * args.updates_per_epoch
-        self.collected, self.collect_seconds, self.update_seconds = 0, 0.0, 0.0
+        self.updates, self.collected, self.seconds = updates, 0, 0.0
         self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
-        fmt = "{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]"
-        self.bar = tqdm(
-            total=args.total_timesteps, initial=global_step, mininterval=args.log_every, bar_format=fmt, disable=rank > 0
-        )
+        fmt = "{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}<{remaining}{postfix}]"
+        style = dict(bar_format=fmt, mininterval=args.log_every, smoothing=0)  # smoothing 0: the ETA at the average rate
+        self.bar = tqdm(total=args.total_timesteps, initial=global_step, disable=rank_and_world()[0] > 0, **style)
 
     def collect(self, steps: int, seconds: float):
-        self.collected, self.collect_seconds = self.collected + steps, self.collect_seconds + seconds
+        self.collected, self.seconds = self.collected + steps, self.seconds + seconds
         self.bar.update(steps)
         self.show()
 
     def update(self, seconds: float):
-        self.updates, self.update_seconds = self.updates + 1, self.update_seconds + seconds
+        self.updates, self.seconds = self.updates + 1, self.seconds + seconds
         self.show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
-    def eta_seconds(self) -> float | None:
-        timed, updates_left = self.updates - self.first_update, self.total_updates - self.updates
-        if not self.collected or (updates_left and not timed):
-            return None
-        per_update = self.update_seconds / timed if timed else 0.0
-        return max(self.bar.total - self.bar.n, 0) * self.collect_seconds / self.collected + updates_left * per_update
-
     def sps(self) -> float:
-        """Environment steps per second of wall time spent collecting and updating."""
-        return self.collected / max(self.collect_seconds + self.update_seconds, 1e-9)
+        """Environment steps per second of wall time spent collecting and updating (evaluations left out)."""
+        return self.collected / max(self.seconds, 1e-9)
 
     def show(self):
-        eta = self.eta_seconds()
-        days = "estimating" if eta is None else f"{eta / 86400:.1f} days"
-        eta = days if eta is None or eta >= 86400 else time.strftime("%H:%M:%S", time.gmtime(eta))
         ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
-        self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
+        self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}", refresh=False)
 
 
 def cpu_notice(args: Args, device: torch.device) -> str | None:

@@ -91,8 +91,8 @@ class Args:
     # Algorithm specific arguments
     tasks: list[str] = field(default_factory=lambda: list(POPGYM_TASKS))
     """POPGym tasks to train on, one sampled uniformly per meta-rollout (paper: all 27)"""
-    reward_scales: str = ""
-    """TASK=FACTOR,... rescales the rewards the agent sees (paper Fig. 6); reported returns keep the default scale"""
+    reward_scales: dict[str, float] = field(default_factory=dict)
+    """TASK FACTOR pairs (e.g. RepeatFirstEasy 100) scale the rewards the agent sees (paper Fig. 6); returns stay unscaled"""
     one_shot: bool = True
     """one-shot protocol (paper): an unscored exploration episode, then a scored one; --no-one-shot: one episode"""
     actor_loss: Literal["ind", "dep"] = "ind"
@@ -240,33 +240,12 @@ class POPGymMetaEnv(gym.Env):
 
 def make_env(args: Args, env_idx: int, train: bool, task: str | None = None):
     # seeds come from MetaRollouts.restart; evaluation plays the training reward scales the policy learnt on
-    scales = parse_reward_scales(args.reward_scales, POPGYM_TASKS)
-    return lambda: POPGymMetaEnv(args.tasks, args.one_shot, task=task, reward_scales=scales)
+    return lambda: POPGymMetaEnv(args.tasks, args.one_shot, task=task, reward_scales=args.reward_scales)
 
 
 def make_eval_envs(args: Args) -> list:
     """One evaluation env pinned to each training task (POPGym has no held-out tasks)."""
     return [make_env(args, i, train=False, task=task) for i, task in enumerate(args.tasks)]
-
-
-def parse_reward_scales(s: str, names: list[str]) -> dict[str, float]:
-    """ "a=100,b=0.1" -> {"a": 100.0, "b": 0.1} for task (or game) names; "" -> {} (every task on its own scale)."""
-    scales = {}
-    for item in filter(None, (part.strip() for part in s.split(","))):
-        name, sep, value = (x.strip() for x in item.partition("="))
-        if not sep:
-            raise ValueError(f"reward scale {item!r} is not NAME=FACTOR (example: {names[0]}=100,{names[-1]}=0.01)")
-        if name not in names:
-            raise ValueError(f"reward scale for unknown {name!r}; choose from: {', '.join(names)}")
-        if name in scales:
-            raise ValueError(f"reward scale for {name!r} given twice")
-        try:
-            scales[name] = float(value)
-        except ValueError:
-            raise ValueError(f"reward scale {item!r}: {value!r} is not a number") from None
-        if not (np.isfinite(scales[name]) and scales[name] > 0):
-            raise ValueError(f"reward scale {item!r}: the factor must be a positive finite number")
-    return scales
 
 
 def check_env_args(args: Args):
@@ -275,12 +254,9 @@ def check_env_args(args: Args):
     unknown = sorted(set(args.tasks) - set(POPGYM_TASKS))
     if unknown or not args.tasks:
         fail(f"unknown POPGym task(s) {unknown or args.tasks}; choose from: {', '.join(POPGYM_TASKS)}")
-    try:
-        scales = parse_reward_scales(args.reward_scales, POPGYM_TASKS)
-    except ValueError as e:
-        fail(f"--reward-scales: {e}")
-    if set(scales) - set(args.tasks):
-        fail(f"--reward-scales names task(s) not trained on: {sorted(set(scales) - set(args.tasks))}")
+    bad = {k: v for k, v in args.reward_scales.items() if k not in args.tasks or not (np.isfinite(v) and v > 0)}
+    if bad:
+        fail(f"--reward-scales {bad}: each must name a task trained on (--tasks) and a positive finite factor")
 
 
 def summarize_eval(per_task: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -898,48 +874,33 @@ def explore(actions: np.ndarray, eps: np.ndarray, action_space: gym.spaces.Discr
 
 # ==== Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this ===============================
 class Progress:
-    """A tqdm bar over environment steps with updates, SPS, the recent return and an ETA: steps left at the measured
-    collection rate plus updates left at the measured update rate ("estimating" until both are timed)."""
+    """A tqdm bar over environment steps with updates, SPS and the recent return. Its ETA is tqdm's at the average rate
+    since the start (smoothing=0): wall time per step, so update phases and evaluations are counted in it."""
 
     def __init__(self, args: Args, global_step: int, updates: int):
-        rank, world = rank_and_world()
-        epoch_steps = args.num_envs * args.steps_per_epoch * world  # under torchrun, an epoch of every rank
-        epochs_left = -(-max(args.total_timesteps - global_step, 0) // epoch_steps)  # ceil: the last one may be cut short
-        self.updates, self.first_update, self.total_updates = updates, updates, updates + epochs_left * args.updates_per_epoch
-        self.collected, self.collect_seconds, self.update_seconds = 0, 0.0, 0.0
+        self.updates, self.collected, self.seconds = updates, 0, 0.0
         self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
-        fmt = "{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]"
-        self.bar = tqdm(
-            total=args.total_timesteps, initial=global_step, mininterval=args.log_every, bar_format=fmt, disable=rank > 0
-        )
+        fmt = "{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}<{remaining}{postfix}]"
+        style = dict(bar_format=fmt, mininterval=args.log_every, smoothing=0)  # smoothing 0: the ETA at the average rate
+        self.bar = tqdm(total=args.total_timesteps, initial=global_step, disable=rank_and_world()[0] > 0, **style)
 
     def collect(self, steps: int, seconds: float):
-        self.collected, self.collect_seconds = self.collected + steps, self.collect_seconds + seconds
+        self.collected, self.seconds = self.collected + steps, self.seconds + seconds
         self.bar.update(steps)
         self.show()
 
     def update(self, seconds: float):
-        self.updates, self.update_seconds = self.updates + 1, self.update_seconds + seconds
+        self.updates, self.seconds = self.updates + 1, self.seconds + seconds
         self.show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
-    def eta_seconds(self) -> float | None:
-        timed, updates_left = self.updates - self.first_update, self.total_updates - self.updates
-        if not self.collected or (updates_left and not timed):
-            return None
-        per_update = self.update_seconds / timed if timed else 0.0
-        return max(self.bar.total - self.bar.n, 0) * self.collect_seconds / self.collected + updates_left * per_update
-
     def sps(self) -> float:
-        """Environment steps per second of wall time spent collecting and updating."""
-        return self.collected / max(self.collect_seconds + self.update_seconds, 1e-9)
+        """Environment steps per second of wall time spent collecting and updating (evaluations left out)."""
+        return self.collected / max(self.seconds, 1e-9)
 
     def show(self):
-        eta = self.eta_seconds()
-        days = "estimating" if eta is None else f"{eta / 86400:.1f} days"
-        eta = days if eta is None or eta >= 86400 else time.strftime("%H:%M:%S", time.gmtime(eta))
         ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
-        self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
+        self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}", refresh=False)
 
 
 def cpu_notice(args: Args, device: torch.device) -> str | None:

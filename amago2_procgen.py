@@ -83,8 +83,8 @@ class Args:
     """easy: 5 games, easy levels (paper Fig. 6); memory-hard: 16 games, memory or hard levels (Fig. 8); sets None flags"""
     games: list[str] = field(default_factory=list)
     """Procgen games, one drawn uniformly per meta-rollout (empty: the mode's, paper Fig. 6 / Fig. 8)"""
-    reward_scales: str = ""
-    """GAME=FACTOR,... rescales the rewards the agent sees (paper Fig. 6); reported returns keep the default scale"""
+    reward_scales: dict[str, float] = field(default_factory=dict)
+    """GAME FACTOR pairs (e.g. coinrun 100 climber 0.1) scale the rewards the agent sees (paper Fig. 6); returns unscaled"""
     num_train_levels: int = 2000
     """training levels per game; evaluation plays unseen levels (paper Sec. 5: 2k)"""
     horizon: int | None = None
@@ -216,8 +216,9 @@ def check_procgen_config(mode: str, games: list[str], reward_scales: dict, num_t
     unknown = sorted((set(games) | ({task} if task else set())) - set(PROCGEN_GAMES))
     if unknown:
         raise ValueError(f"unknown Procgen game(s) {unknown}; choose from: {', '.join(PROCGEN_GAMES)}")
-    if set(reward_scales) - set(games):
-        raise ValueError(f"--reward-scales names game(s) not played: {sorted(set(reward_scales) - set(games))}")
+    bad = {k: v for k, v in reward_scales.items() if k not in games or not (np.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"--reward-scales {bad}: each must name a game played (--games) and a positive finite factor")
     if not 0 < num_train_levels <= EVAL_START_LEVEL:
         raise ValueError(
             f"--num-train-levels must be in [1, {EVAL_START_LEVEL}] (evaluation levels start there), got {num_train_levels}"
@@ -325,34 +326,11 @@ class ProcgenMetaEnv(gym.Env):
         self.procgen, self.unfinished = {}, None
 
 
-def parse_reward_scales(s: str, names: list[str]) -> dict[str, float]:
-    """ "a=100,b=0.1" -> {"a": 100.0, "b": 0.1} for task (or game) names; "" -> {} (every task on its own scale)."""
-    scales = {}
-    for item in filter(None, (part.strip() for part in s.split(","))):
-        name, sep, value = (x.strip() for x in item.partition("="))
-        if not sep:
-            raise ValueError(f"reward scale {item!r} is not NAME=FACTOR (example: {names[0]}=100,{names[-1]}=0.01)")
-        if name not in names:
-            raise ValueError(f"reward scale for unknown {name!r}; choose from: {', '.join(names)}")
-        if name in scales:
-            raise ValueError(f"reward scale for {name!r} given twice")
-        try:
-            scales[name] = float(value)
-        except ValueError:
-            raise ValueError(f"reward scale {item!r}: {value!r} is not a number") from None
-        if not (np.isfinite(scales[name]) and scales[name] > 0):
-            raise ValueError(f"reward scale {item!r}: the factor must be a positive finite number")
-    return scales
-
-
 def make_env(args: Args, env_idx: int, train: bool, task: str | None = None) -> Callable[[], gym.Env]:
-    # Seeds come from MetaRollouts.restart (reset(seed=...)), so args.seed and env_idx are not needed here.
-    # train=False plays unseen levels; task pins one game. Evaluation keeps the training reward scales, because the
-    # policy reads the previous reward as an input; its reported returns are on the default scale either way.
-    scales = parse_reward_scales(args.reward_scales, PROCGEN_GAMES)  # bad flags fail here, not in a worker
-
+    # seeds come from MetaRollouts.restart; train=False plays unseen levels, task pins one game. Evaluation keeps the
+    # training reward scales (the policy reads the previous reward); its reported returns are on the default scale
     def thunk():
-        env = ProcgenMetaEnv(args.mode, args.games, train, args.num_train_levels, scales, task, args.horizon)
+        env = ProcgenMetaEnv(args.mode, args.games, train, args.num_train_levels, args.reward_scales, task, args.horizon)
         return record_video(env, args) if args.capture_video and not train and env_idx == 0 else env
 
     return thunk
@@ -375,11 +353,7 @@ def make_eval_envs(args: Args) -> list:
 
 def check_env_args(args: Args):
     try:
-        scales = parse_reward_scales(args.reward_scales, PROCGEN_GAMES)
-    except ValueError as e:
-        fail(f"--reward-scales: {e}")
-    try:
-        check_procgen_config(args.mode, args.games, scales, args.num_train_levels)
+        check_procgen_config(args.mode, args.games, args.reward_scales, args.num_train_levels)
     except ValueError as e:
         fail(str(e))
     if args.horizon <= 0:
@@ -1037,48 +1011,33 @@ def explore(actions: np.ndarray, eps: np.ndarray, action_space: gym.spaces.Discr
 
 # ==== Run plumbing (progress bar, checkpoints, flag checks): a first read can skip this ===============================
 class Progress:
-    """A tqdm bar over environment steps with updates, SPS, the recent return and an ETA: steps left at the measured
-    collection rate plus updates left at the measured update rate ("estimating" until both are timed)."""
+    """A tqdm bar over environment steps with updates, SPS and the recent return. Its ETA is tqdm's at the average rate
+    since the start (smoothing=0): wall time per step, so update phases and evaluations are counted in it."""
 
     def __init__(self, args: Args, global_step: int, updates: int):
-        rank, world = rank_and_world()
-        epoch_steps = args.num_envs * args.steps_per_epoch * world  # under torchrun, an epoch of every rank
-        epochs_left = -(-max(args.total_timesteps - global_step, 0) // epoch_steps)  # ceil: the last one may be cut short
-        self.updates, self.first_update, self.total_updates = updates, updates, updates + epochs_left * args.updates_per_epoch
-        self.collected, self.collect_seconds, self.update_seconds = 0, 0.0, 0.0
+        self.updates, self.collected, self.seconds = updates, 0, 0.0
         self.recent = collections.deque(maxlen=100)  # returns of the last finished meta-rollouts
-        fmt = "{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}{postfix}]"
-        self.bar = tqdm(
-            total=args.total_timesteps, initial=global_step, mininterval=args.log_every, bar_format=fmt, disable=rank > 0
-        )
+        fmt = "{percentage:3.0f}%|{bar}| {n:,}/{total:,} steps [{elapsed}<{remaining}{postfix}]"
+        style = dict(bar_format=fmt, mininterval=args.log_every, smoothing=0)  # smoothing 0: the ETA at the average rate
+        self.bar = tqdm(total=args.total_timesteps, initial=global_step, disable=rank_and_world()[0] > 0, **style)
 
     def collect(self, steps: int, seconds: float):
-        self.collected, self.collect_seconds = self.collected + steps, self.collect_seconds + seconds
+        self.collected, self.seconds = self.collected + steps, self.seconds + seconds
         self.bar.update(steps)
         self.show()
 
     def update(self, seconds: float):
-        self.updates, self.update_seconds = self.updates + 1, self.update_seconds + seconds
+        self.updates, self.seconds = self.updates + 1, self.seconds + seconds
         self.show()
         self.bar.update(0)  # no steps, but redraw once --log-every seconds have passed
 
-    def eta_seconds(self) -> float | None:
-        timed, updates_left = self.updates - self.first_update, self.total_updates - self.updates
-        if not self.collected or (updates_left and not timed):
-            return None
-        per_update = self.update_seconds / timed if timed else 0.0
-        return max(self.bar.total - self.bar.n, 0) * self.collect_seconds / self.collected + updates_left * per_update
-
     def sps(self) -> float:
-        """Environment steps per second of wall time spent collecting and updating."""
-        return self.collected / max(self.collect_seconds + self.update_seconds, 1e-9)
+        """Environment steps per second of wall time spent collecting and updating (evaluations left out)."""
+        return self.collected / max(self.seconds, 1e-9)
 
     def show(self):
-        eta = self.eta_seconds()
-        days = "estimating" if eta is None else f"{eta / 86400:.1f} days"
-        eta = days if eta is None or eta >= 86400 else time.strftime("%H:%M:%S", time.gmtime(eta))
         ret = f"{np.mean(self.recent):.3f}" if self.recent else "n/a"
-        self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}, ETA {eta}", refresh=False)
+        self.bar.set_postfix_str(f"{self.updates:,} updates, {self.sps():,.0f} SPS, return {ret}", refresh=False)
 
 
 def cpu_notice(args: Args, device: torch.device) -> str | None:

@@ -25,7 +25,7 @@ def events(run_dir) -> bytes:
 
 
 def test_rescaled_rewards_run(tmp_path):
-    out = run([*TINY, "--reward-scales", "coinrun=100", "--run-name", "s"], tmp_path)
+    out = run([*TINY, "--reward-scales", "coinrun", "100", "--run-name", "s"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "done: 80 steps, 4 updates" in out.stdout
     # the per-game scalars and each game's share of the incoming experience (paper Fig. 15) reach TensorBoard

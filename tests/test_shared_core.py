@@ -52,7 +52,6 @@ NOT_CORE = {  # POPGym's own env, and definitions only some scripts need (identi
     "num_actions",
     "POPGymMetaEnv",
     "InputNorm",
-    "parse_reward_scales",
 }
 
 

@@ -153,7 +153,7 @@ BENCHMARKS = {
         configs={
             f"{actor}/{critic}{suffix}": [*REWARD_SCALE_DEMO, "--actor-loss", actor, "--critic-loss", critic, *scales]
             for actor, critic in (("ind", "ind"), ("dep", "dep"))
-            for suffix, scales in (("", []), (" rescaled", ["--reward-scales", "RepeatFirstEasy=100,HigherLowerEasy=0.01"]))
+            for suffix, scales in (("", []), (" rescaled", "--reward-scales RepeatFirstEasy 100 HigherLowerEasy 0.01".split()))
         },
         metric="eval/normalised_score", label="mean normalised score (2 tasks, default reward scale)"),
 }
