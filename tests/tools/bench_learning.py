@@ -299,6 +299,12 @@ def main():
         "reported; by default every config is trained and the report covers every config run",
     )
     parser.add_argument(
+        "--only-seed",
+        type=int,
+        action="append",
+        help="train only this seed of 1..N (repeatable), to add a seed to runs already there; the report covers all",
+    )
+    parser.add_argument(
         "--figure",
         help="figure name under docs/figures (default: the benchmark's name; with --config and no --figure the figure "
         "goes to runs/, so that a probe never redraws a README figure)",
@@ -312,7 +318,7 @@ def main():
     if not opts.report_only:
         procs = {}
         for config, flags, seed in jobs:
-            if opts.config and config not in opts.config:
+            if (opts.config and config not in opts.config) or (opts.only_seed and seed not in opts.only_seed):
                 continue
             while sum(p.poll() is None for p in procs.values()) >= opts.parallel:
                 time.sleep(5)
