@@ -271,7 +271,7 @@ def plot(benchmark: str, spec: dict, curves: dict, random_level: float, figure: 
                 alpha=0.9,
                 marker="o",
                 markersize=3,
-                linestyle="-" if k == 0 else "--",
+                linestyle=["-", "--", "-."][k % 3],  # seeds 1, 2, 3 apart
                 label=f"{config}, seed {seed}",
             )
     ax.axhline(random_level, color="grey", linestyle=":", label="random policy")
