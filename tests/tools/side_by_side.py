@@ -38,20 +38,35 @@ THEIR_SRC = os.environ.get("AMAGO_SRC", "/work/amago_src")
 THEIR_TAG, THEIR_COMMIT = "v2", "f11fc9da916de9f4134d06bcdca6645b7dade912"
 SMOKE_STEPS, SMOKE_EVAL_EVERY = 1024, 512  # two epochs of 8 envs x 64 steps, an evaluation after each
 
-# Longest meta-rollout in their envs, which sizes their evaluation budget (they evaluate for a number of env steps,
-# we for a number of meta-rollouts): POPGym's CartPoles run up to 200 steps an episode, twice, plus the one extra step
+# Each demo: our script, bench_learning's benchmark and its Ind/Ind config (the paper's default update: two-hot critic,
+# Eq. 3, and CRR-filtered actor, Eq. 4), the metric both sides are scored on (None: the benchmark's own), and the
+# longest meta-rollout in their envs, which sizes their evaluation budget (they evaluate for a number of env steps, we
+# for a number of meta-rollouts): POPGym's CartPoles run up to 200 steps an episode, twice, plus the one extra step
 # their multi-domain env spends on each inner reset and at the end; BabyAI's 4 + 2 tasks allow up to 64 steps an
-# attempt, twice, plus one extra step between the attempts.
+# attempt, twice, plus one extra step between the attempts; Procgen's meta-rollout is capped at --horizon steps.
+# Procgen is scored on starpilot's total return over both attempts: their v2 logs no per-attempt Procgen return.
 DEMOS = {
-    "popgym": dict(script="amago2_popgym.py", longest_rollout=2 * 200 + 2),
-    "babyai": dict(script="amago2_babyai.py", longest_rollout=2 * 64 + 1),
+    "popgym": dict(script="amago2_popgym.py", bench="popgym", config="ind/ind", metric=None, longest_rollout=2 * 200 + 2),
+    "babyai": dict(script="amago2_babyai.py", bench="babyai", config="ind/ind", metric=None, longest_rollout=2 * 64 + 1),
+    "procgen": dict(
+        script="amago2_procgen.py",
+        bench="procgen-starpilot",
+        config="ind/ind 120k",
+        metric=("eval/starpilot/return", "starpilot return, both attempts (unseen levels)"),
+        longest_rollout=None,
+    ),
 }
-CONFIG = "ind/ind"  # the paper's default update: two-hot critic (Eq. 3) + CRR-filtered actor (Eq. 4)
+
+
+def metric(demo: str) -> tuple[str, str]:
+    """The TensorBoard scalar both sides are scored on, and its label."""
+    bench = bl.BENCHMARKS[DEMOS[demo]["bench"]]
+    return DEMOS[demo]["metric"] or (bench["metric"], bench["label"])
 
 
 # ==== Our side: the demo's flags and Args ============================================================================
 def demo_flags(demo: str, smoke: bool) -> list[str]:
-    flags = bl.BENCHMARKS[demo]["configs"][CONFIG]
+    flags = bl.BENCHMARKS[DEMOS[demo]["bench"]]["configs"][DEMOS[demo]["config"]]
     if smoke:
         flags = bl.with_flag(bl.with_flag(flags, "--total-timesteps", str(SMOKE_STEPS)), "--eval-every", str(SMOKE_EVAL_EVERY))
     return flags
@@ -92,6 +107,12 @@ def their_settings(demo: str, module, a, seed: int, name: str) -> dict:
     if demo == "popgym":
         s.update(tasks=list(a.tasks), n_actions=int(module.POPGymMetaEnv(a.tasks).action_space.n))
         eval_tasks = len(a.tasks)
+    elif demo == "procgen":
+        # their env draws levels with random.randint (inclusive); ours trains on [0, n) and evaluates from EVAL_START_LEVEL
+        s.update(games=list(a.games), distribution=a.mode, horizon=a.horizon, impala_channels=list(a.impala_channels))
+        s.update(train_seeds=[0, a.num_train_levels - 1], eval_seeds=[module.EVAL_START_LEVEL, 2**31 - 2])
+        s.update(augment_fraction=a.augment_fraction)
+        eval_tasks = len(a.games)
     else:
         ids = [module.babyai_id(t) for t in a.tasks + a.test_tasks]
         s.update(train_ids=ids[: len(a.tasks)], test_ids=ids[len(a.tasks) :], k_episodes=a.k_episodes)
@@ -101,7 +122,13 @@ def their_settings(demo: str, module, a, seed: int, name: str) -> dict:
         eval_tasks = len(a.tasks) + len(a.test_tasks)
     # at least as many finished meta-rollouts per task as our --eval-episodes, even if every one runs to its limit
     rollouts_per_env = math.ceil(a.eval_episodes * eval_tasks / a.num_envs)
-    s.update(val_steps_per_env=rollouts_per_env * DEMOS[demo]["longest_rollout"], val_rollouts_per_env=rollouts_per_env)
+    longest = DEMOS[demo]["longest_rollout"] or a.horizon + 1  # Procgen: their extra step between the attempts
+    # their replay holds what an env has saved: a finished meta-rollout, or a chunk of traj_save_len steps. POPGym and
+    # BabyAI: one file per finished rollout (they end within an epoch or two, as our replay samples them whole);
+    # Procgen's rollouts run up to --horizon steps: chunks of 4 contexts, as their Procgen example saves them, so that
+    # data reaches their learner while a rollout runs, as ours samples rollouts in progress
+    s.update(traj_save_len=4 * a.context_len if demo == "procgen" else 10_000)
+    s.update(val_steps_per_env=rollouts_per_env * longest, val_rollouts_per_env=rollouts_per_env)
     return s
 
 
@@ -243,6 +270,52 @@ def task_rows(demo: str, a, s: dict) -> list[tuple]:
                 "FFTstepEncoder(n_layers=2, d_hidden=512), LayerNorm",
             ),
         ]
+    if demo == "procgen":
+        return [
+            row("games", ", ".join(a.games), f"TwoShotMTProcgen, games = {', '.join(s['games'])}"),
+            row("mode", f"{a.mode} levels", f"distribution_mode={s['distribution']!r}"),
+            row("protocol", "two attempts on one level", "TwoShotMTProcgen: the same"),
+            row(
+                "levels train / eval",
+                f"[0, {a.num_train_levels}) / [{s['eval_seeds'][0]}, ...)",
+                f"{s['train_seeds']} / {s['eval_seeds']} inclusive",
+            ),
+            row("meta-rollout cap", f"--horizon {a.horizon}", f"ProcgenAMAGO(horizon={s['horizon']})"),
+            row(
+                "replay files",
+                "rollouts in progress sampled too",
+                f"traj_save_len={s['traj_save_len']} (4 x max_seq_len, as their example): chunks of a running rollout",
+                "in effect: data reaches both learners while a rollout runs",
+            ),
+            row(
+                "attempt boundary",
+                "the level restored (set_state), its first frame follows directly",
+                "one extra step (action ignored): the level rebuilt from its seed",
+                "no: their env's design",
+            ),
+            row("attempt-2 marker", "4x4 black box at the top left", "the same box", "yes"),
+            row(
+                "timestep input besides the frame",
+                "prev action, prev reward, reset",
+                "prev action, prev reward, reset, t / horizon",
+                "no: their rl2 input carries time",
+            ),
+            row(
+                "timestep encoder",
+                f"IMPALA CNN {'-'.join(map(str, a.impala_channels))} -> 256, LayerNorm; symlog rl2 -> 12; merge, LayerNorm",
+                f"CNNTstepEncoder: IMPALAishCNN {'-'.join(map(str, s['impala_channels']))} -> 256; rl2 InputNorm -> 12",
+                "no: ours has a LayerNorm on the image features and a LeakyReLU before the merge; theirs an InputNorm on rl2",
+            ),
+            row(
+                "augmentation",
+                f"random shift +-4 px on {a.augment_fraction:.0%} of frames",
+                "DrQv2Aug(4) on 75% of the batch's sequences",
+                "in effect",
+            ),
+            row(
+                "procgen", "procgen2 0.10.7 (gym3 API)", "procgen2 0.10.7 through gym 0.26's procgen:procgen-<game>-v0", "yes"
+            ),
+        ]
     return [
         row("training tasks", ", ".join(a.tasks), ", ".join(s["train_ids"])),
         row("held-out tasks", ", ".join(a.test_tasks), ", ".join(s["test_ids"])),
@@ -275,6 +348,10 @@ def eval_rows(demo: str, a, s: dict) -> list[tuple]:
         ours = f"one env per task, {a.eval_episodes} meta-rollouts each"
         theirs = f"{s['num_envs']} envs, {s['num_envs'] // len(s['tasks'])} per task, {s['val_steps_per_env']:,} steps each"
         status = f"in effect: >= {s['val_rollouts_per_env'] * (s['num_envs'] // len(s['tasks']))} finished rollouts per task"
+    elif demo == "procgen":
+        ours = f"one env per game, {a.eval_episodes} meta-rollouts each"
+        theirs = f"{s['num_envs']} envs, {s['val_steps_per_env']:,} steps each"
+        status = f"in effect: >= {s['val_rollouts_per_env'] * s['num_envs']} finished rollouts"
     else:
         ours = f"one env per task (4 + 2), {a.eval_episodes} meta-rollouts each"
         theirs = f"{s['num_envs']} envs drawing from the 6 tasks, {s['val_steps_per_env']:,} steps each"
@@ -297,12 +374,14 @@ def print_table(rows: list[tuple]):
 
 
 # ==== Runs =============================================================================================================
-def plan(demo: str, sides: list[str], seeds: int, smoke: bool) -> tuple[list[dict], list[tuple]]:
+def plan(
+    demo: str, sides: list[str], seeds: int, smoke: bool, only: list[int] | None = None
+) -> tuple[list[dict], list[tuple]]:
     """Every run to launch, seed-major so that runs sharing the cores at once are one of each side, and the table."""
     flags = demo_flags(demo, smoke)
     module, a = our_args(demo, flags)
     jobs, table = [], None
-    for seed in range(1, seeds + 1):
+    for seed in only or range(1, seeds + 1):
         for side in sides:
             name = run_name(demo, side, seed, smoke)
             if side == "ours":
@@ -350,7 +429,7 @@ def run_all(jobs: list[dict], parallel: int):
 def read_ours(demo: str, name: str, a) -> dict:
     """Curve of the demo's metric, and the time split. Each epoch logs charts/SPS after collecting (steps / (collect +
     update seconds so far), so without that epoch's updates) and charts/updates_per_second after its update phase."""
-    steps, values, minutes = bl.read_curve(name, bl.BENCHMARKS[demo]["metric"])
+    steps, values, minutes = bl.read_curve(name, metric(demo)[0])
     acc = bl.scalars(name)
     ups = np.array([e.value for e in acc.Scalars("charts/updates_per_second")])
     sps = acc.Scalars("charts/SPS")[-1]
@@ -374,7 +453,7 @@ def read_theirs(demo: str, name: str, a) -> dict:
         rows = [json.loads(line) for line in f]
     evals = [r for r in rows if r["key"] == "val"]
     last = rows[-1]
-    score = popgym_score if demo == "popgym" else babyai_score
+    score = {"popgym": popgym_score, "babyai": babyai_score, "procgen": procgen_score}[demo]
     update_s = last["wall_s"] - last["collect_s"] - last["eval_s"] - last["startup_s"]
     return dict(
         steps=np.array([r["frames"] for r in evals]),
@@ -405,6 +484,11 @@ def babyai_score(r: dict, a) -> float:
     return float(np.mean(found)) if found else float("nan")
 
 
+def procgen_score(r: dict, a) -> float:
+    """Our eval/<game>/return (both attempts, default reward scale) from their "Average Total Return in <game>"."""
+    return float(np.mean([r.get(f"Average Total Return in {g}", float("nan")) for g in a.games]))
+
+
 def report(demo: str, seeds: int, smoke: bool):
     flags = demo_flags(demo, smoke)
     _, a = our_args(demo, flags)
@@ -418,7 +502,7 @@ def report(demo: str, seeds: int, smoke: bool):
     if not results:
         sys.exit(f"no runs/parity-{'smoke-' if smoke else ''}{demo}-* to report")
     reference = bl.random_reference(DEMOS[demo]["script"], flags)
-    random_level = reference[bl.BENCHMARKS[demo]["metric"].removeprefix("eval/")]
+    random_level = reference[metric(demo)[0].removeprefix("eval/")]
     print_results(demo, results, random_level, smoke)
     figure = os.path.join(
         ROOT, "runs" if smoke else os.path.join("docs", "figures"), f"parity-{'smoke-' if smoke else ''}{demo}.png"
@@ -440,7 +524,7 @@ def projected_minutes(res: dict, demo: str) -> float:
 
 
 def print_results(demo: str, results: dict, random_level: float, smoke: bool):
-    label = bl.BENCHMARKS[demo]["label"]
+    label = metric(demo)[1]
     print(f"\n{demo}: {label}; random policy {random_level:.3f}\n")
     extra = " projected full-run minutes |" if smoke else ""
     print("| side | seed | env steps | final eval | wall minutes | env steps/s | updates/s | updates |" + extra)
@@ -463,7 +547,7 @@ def plot(demo: str, results: dict, random_level: float, path: str):
     colors = {"ours": "tab:blue", "theirs": "tab:orange"}
     names = {"ours": "ours (amago2-clean)", "theirs": f"official AMAGO {THEIR_TAG}"}
     for (side, seed), r in sorted(results.items()):
-        style = "-" if seed == 1 else "--"
+        style = ["-", "--", "-."][(seed - 1) % 3]  # seeds 1, 2, 3 apart
         ax.plot(
             r["steps"],
             r["values"],
@@ -475,7 +559,7 @@ def plot(demo: str, results: dict, random_level: float, path: str):
         )
     ax.axhline(random_level, color="grey", linestyle=":", label="random policy")
     ax.set_xlabel("environment steps")
-    ax.set_ylabel(textwrap.fill(bl.BENCHMARKS[demo]["label"], 45), fontsize=9)
+    ax.set_ylabel(textwrap.fill(metric(demo)[1], 45), fontsize=9)
     ax.set_title(f"{demo} CPU demo, Ind/Ind: ours and the authors' library")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -499,7 +583,8 @@ def theirs_run(settings_path: str):
     from amago.cli_utils import use_config
 
     config = their_gin_bindings(s)
-    make_train, make_val = (their_popgym_envs if s["demo"] == "popgym" else their_babyai_envs)(s, config)
+    envs = {"popgym": their_popgym_envs, "babyai": their_babyai_envs, "procgen": their_procgen_envs}
+    make_train, make_val = envs[s["demo"]](s, config)
     use_config(config)
     experiment = logged_experiment_class()(**their_experiment_kwargs(s, amago, make_train, make_val))
     experiment.parity = s
@@ -601,6 +686,25 @@ def their_babyai_envs(s: dict, config: dict):
     return (lambda: make(s["train_ids"], s["train_seeds"])), (lambda: make(s["train_ids"] + s["test_ids"], s["eval_seeds"]))
 
 
+def their_procgen_envs(s: dict, config: dict):
+    """Their two-attempt multi-game Procgen env (procgen2 in their venv: the same procgen through gym 0.26) and their
+    CNN timestep encoder with the IMPALA CNN at our block depths, as their multi-task Procgen example builds them."""
+    from amago.cli_utils import switch_tstep_encoder
+    from amago.envs.builtin.procgen_envs import ProcgenAMAGO, TwoShotMTProcgen
+    from amago.nets.cnn import IMPALAishCNN
+
+    switch_tstep_encoder(
+        config, arch="cnn", cnn_Cls=IMPALAishCNN, channels_first=False, img_features=256, d_output=s["d_token"]
+    )
+    config["amago.nets.cnn.IMPALAishCNN.cnn_block_depths"] = s["impala_channels"]
+
+    def make(seeds: list[int]):
+        env = TwoShotMTProcgen(s["games"], s["distribution"], seed_range=tuple(seeds))
+        return ProcgenAMAGO(env, horizon=s["horizon"])
+
+    return (lambda: make(s["train_seeds"])), (lambda: make(s["eval_seeds"]))
+
+
 def their_experiment_kwargs(s: dict, amago, make_train, make_val) -> dict:
     from amago.envs.env_utils import EpsilonGreedy
 
@@ -610,7 +714,7 @@ def their_experiment_kwargs(s: dict, amago, make_train, make_val) -> dict:
         make_train_env=make_train,
         make_val_env=make_val,
         max_seq_len=s["context_len"],
-        traj_save_len=10_000,  # longer than any meta-rollout: one replay file per finished rollout, as our replay
+        traj_save_len=s["traj_save_len"],
         stagger_traj_file_lengths=False,
         parallel_actors=s["num_envs"],
         async_envs=False,  # one core per run
@@ -720,6 +824,9 @@ def main():
     parser.add_argument("--seeds", type=int, default=2, help="seeds 1..N per side (default 2)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once, one torch thread each (default 1)")
     parser.add_argument(
+        "--only-seed", type=int, action="append", help="run only this seed of 1..N (repeatable); the report covers all"
+    )
+    parser.add_argument(
         "--dry-run", action="store_true", help="print both sides' commands and the settings table; run nothing"
     )
     parser.add_argument("--report-only", action="store_true", help="read the runs/ already there: table and figure")
@@ -737,9 +844,10 @@ def main():
         parser.error("--demo is required")
     sides = ["ours", "theirs"] if opts.side == "both" else [opts.side]
     if not opts.report_only:
-        jobs, table = plan(opts.demo, sides, opts.seeds, opts.smoke)
+        jobs, table = plan(opts.demo, sides, opts.seeds, opts.smoke, opts.only_seed)
+        demo = DEMOS[opts.demo]
         print(
-            f"settings: ours ({DEMOS[opts.demo]['script']}, bench_learning {opts.demo} {CONFIG}) against theirs "
+            f"settings: ours ({demo['script']}, bench_learning {demo['bench']} {demo['config']}) against theirs "
             f"(UT-Austin-RPL/amago {THEIR_TAG}, {THEIR_COMMIT[:7]})\n"
         )
         print_table(table)
