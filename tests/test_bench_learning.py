@@ -40,3 +40,12 @@ def test_adaptation_gain_is_the_last_attempt_minus_the_first_over_the_second_hal
     gains = bench_learning.adaptation_gain("gain", "eval/train/return_1", "eval/train/return_3")
     assert gains.tolist() == [6.0, 12.0]
     assert bench_learning.adaptation_gain("gain", "eval/train/return_1", "eval/test/return_3").size == 0
+
+
+def test_only_seed_outside_the_reported_seeds_is_refused(monkeypatch, capsys):
+    """--only-seed 3 with --seeds 2 would train a run the report never reads: refused in one line, nothing launched."""
+    monkeypatch.setattr(bench_learning, "launch", lambda *a: pytest.fail("launched a run"))
+    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "popgym", "--seeds", "2", "--only-seed", "3"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_learning.main()
+    assert exit_info.value.code == 2 and "--only-seed must be one of the seeds 1..--seeds (2)" in capsys.readouterr().err

@@ -313,6 +313,8 @@ def main():
     spec = BENCHMARKS[opts.benchmark]
     for config in set(opts.config or []) - set(spec["configs"]):
         parser.error(f"--config {config!r} is not a config of {opts.benchmark}; its configs: {', '.join(spec['configs'])}")
+    if any(not 1 <= seed <= opts.seeds for seed in opts.only_seed or []):
+        parser.error(f"--only-seed must be one of the seeds 1..--seeds ({opts.seeds}), which the report covers")
     os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
     jobs = [(config, flags, seed) for config, flags in spec["configs"].items() for seed in range(1, opts.seeds + 1)]
     if not opts.report_only:

@@ -111,7 +111,6 @@ def their_settings(demo: str, module, a, seed: int, name: str) -> dict:
         # their env draws levels with random.randint (inclusive); ours trains on [0, n) and evaluates from EVAL_START_LEVEL
         s.update(games=list(a.games), distribution=a.mode, horizon=a.horizon, impala_channels=list(a.impala_channels))
         s.update(train_seeds=[0, a.num_train_levels - 1], eval_seeds=[module.EVAL_START_LEVEL, 2**31 - 2])
-        s.update(augment_fraction=a.augment_fraction)
         eval_tasks = len(a.games)
     else:
         ids = [module.babyai_id(t) for t in a.tasks + a.test_tasks]
@@ -842,6 +841,8 @@ def main():
         return theirs_run(opts.theirs_run)
     if not opts.demo:
         parser.error("--demo is required")
+    if any(not 1 <= seed <= opts.seeds for seed in opts.only_seed or []):
+        parser.error(f"--only-seed must be one of the seeds 1..--seeds ({opts.seeds}), which the report covers")
     sides = ["ours", "theirs"] if opts.side == "both" else [opts.side]
     if not opts.report_only:
         jobs, table = plan(opts.demo, sides, opts.seeds, opts.smoke, opts.only_seed)
