@@ -113,6 +113,15 @@ BENCHMARKS = {
                 "--total-timesteps",
                 "200000",
             ],
+            # issue 28, one lever at a time at 100k steps (12,500 per env): exploration over half and the whole run,
+            # the critic's pace (tau), the joint clip; then the two levers that helped, together
+            "ind/ind anneal-half": [*with_flag(METAWORLD_DEMO, "--eps-anneal-steps", "6250"), "--total-timesteps", "100000"],
+            "ind/ind anneal-whole": [*with_flag(METAWORLD_DEMO, "--eps-anneal-steps", "12500"), "--total-timesteps", "100000"],
+            "ind/ind tau-0.01": [*METAWORLD_DEMO, "--total-timesteps", "100000", "--tau", "0.01"],
+            "ind/ind tau-0.02": [*METAWORLD_DEMO, "--total-timesteps", "100000", "--tau", "0.02"],
+            "ind/ind clip-50": [*METAWORLD_DEMO, "--total-timesteps", "100000", "--grad-clip", "50"],
+            "ind/ind anneal-whole tau-0.01": [*with_flag(METAWORLD_DEMO, "--eps-anneal-steps", "12500"),
+                                              "--total-timesteps", "100000", "--tau", "0.01"],
             # issue 28: the critic's pace (tau) and exploration scaled to the run (25k steps per env) together
             "ind/ind 200k 2x tau-0.02 anneal-half": [
                 *with_flag(with_flag(METAWORLD_DEMO, "--updates-per-epoch", "96"), "--eps-anneal-steps", "12500"),
@@ -137,6 +146,7 @@ BENCHMARKS = {
                                        # issue 28: exploration scaled to the run (15k steps per env) and the critic's pace
                                        "ind/ind 120k anneal-half": with_flag(STARPILOT_DEMO, "--eps-anneal-steps", "7500"),
                                        "ind/ind 120k anneal-whole": with_flag(STARPILOT_DEMO, "--eps-anneal-steps", "15000"),
+                                       "ind/ind 120k tau-0.01": [*STARPILOT_DEMO, "--tau", "0.01"],
                                        "ind/ind 120k tau-0.02": [*STARPILOT_DEMO, "--tau", "0.02"]},
                               metric="eval/norm_2_mean", label="normalised score, attempt 2 (starpilot, unseen levels)",
                               extra=["eval/norm_1_mean", "eval/return_2_mean"]),
