@@ -90,6 +90,9 @@ class Args:
     """gradient updates per epoch (official library default)"""
     buffer_size: int = 10_000_000
     """replay capacity in timesteps (paper Table 1, BabyAI)"""
+    replay_sampling: Literal["timestep", "rollout"] = "timestep"
+    """how replay draws a window: uniformly over stored timesteps (ours), or a stored rollout uniformly, then a timestep
+    in it (the authors' library draws a trajectory file, which weights short rollouts more; docs/differences.md)"""
     batch_size: int = 24
     """sequences per batch (paper Table 1)"""
     context_len: int = 512
@@ -1214,7 +1217,8 @@ if __name__ == "__main__":
     # DDP averages the gradients of every rank in backward (the loss is Agent.forward, so DDP can hook into it)
     learner = DistributedDataParallel(agent, broadcast_buffers=False) if world > 1 else agent
     try:
-        buffer = ReplayBuffer(replay_fields(obs_space, action_space), args.buffer_size, args.num_envs, buffer_folder(args))
+        fields = replay_fields(obs_space, action_space)
+        buffer = ReplayBuffer(fields, args.buffer_size, args.num_envs, buffer_folder(args), sampling=args.replay_sampling)
     except MemoryError as e:
         fail(str(e))
     except OSError as e:  # the buffer creates its folder and files

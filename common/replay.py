@@ -56,13 +56,21 @@ class ReplayBuffer:
 
     fields: name -> (shape, dtype) of one timestep. Image fields are stored compressed (see above) unless
     compress=False (for tests and benchmarks). With `path`, the buffer lives in that folder (arrays memory-mapped,
-    compressed frames in an SQLite file) and survives the process; otherwise it lives in RAM.
+    compressed frames in an SQLite file) and survives the process; otherwise it lives in RAM. sampling: how a window's
+    start is drawn, "timestep" (uniformly over stored timesteps) or "rollout" (a stored rollout uniformly, then a
+    timestep inside it, as the authors' library draws a trajectory file, then a window): see draw.
     """
 
-    def __init__(self, fields: dict, capacity: int, num_envs: int, path: str | None = None, compress: bool = True):
+    def __init__(
+        self, fields: dict, capacity: int, num_envs: int, path: str | None = None, compress: bool = True, sampling="timestep"
+    ):
         self.rows, self.num_envs, self.path = capacity // num_envs, num_envs, path
         if self.rows < 2:
             raise ValueError(f"replay capacity {capacity} gives fewer than 2 timesteps per env for {num_envs} envs")
+        if sampling not in ("timestep", "rollout"):
+            raise ValueError(f"replay sampling {sampling!r} is not one of 'timestep', 'rollout'")
+        self.sampling = sampling
+        self.rollout_index, self.version = None, 0  # rollout mode's index of window starts, rebuilt when rows change
         self.names = [*fields, "rollout_id", "time"]  # the batch's keys, in this order
         fields = dict(fields, rollout_id=((), np.int64), time=((), np.int64))
         images = {k: v for k, v in fields.items() if compress and is_image(*v)}
@@ -112,12 +120,13 @@ class ReplayBuffer:
     def footprint(self) -> str:
         """The start-up line: the expected full size (frames at ASSUMED_RATIO), and where the buffer lives."""
         where = f"on disk, memory-mapped in {self.path}" if self.path else "in RAM"
+        per = f"windows drawn per {self.sampling}"
         if not self.frames:
-            return f"replay buffer: {self.rows * self.num_envs:,} timesteps, {self.nbytes / 2**30:.2f} GiB {where}"
+            return f"replay buffer: {self.rows * self.num_envs:,} timesteps, {self.nbytes / 2**30:.2f} GiB {where}, {per}"
         ratios = ", ".join(f"{name} ~{ASSUMED_RATIO.get(f.shape, 1.0):.0f}x" for name, f in self.frames.items())
         return (
             f"replay buffer: {self.rows * self.num_envs:,} timesteps {where}, ~{self.expected / 2**30:.2f} GiB when full "
-            f"({self.nbytes / 2**30:.2f} GiB raw; frames zstd-compressed, {ratios} expected: docs/memory.md)"
+            f"({self.nbytes / 2**30:.2f} GiB raw; frames zstd-compressed, {ratios} expected: docs/memory.md), {per}"
         )
 
     def bytes_used(self) -> int:
@@ -143,6 +152,7 @@ class ReplayBuffer:
                 self.data[name][rows, envs] = value
         self.ptr[envs] = (rows + 1) % self.rows
         self.size[envs] = np.minimum(self.size[envs] + 1, self.rows)
+        self.version += 1
         if self.num_timesteps() >= self.next_check:
             self.next_check += self.check_every
             self.check_growth()
@@ -180,7 +190,8 @@ class ReplayBuffer:
     def draw(self, batch_size: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Where the windows are: rows (B, length), envs (B,) and mask (B, length); the only use of `rng`.
 
-        A start timestep is drawn uniformly among stored timesteps that have a successor, then moved
+        A start timestep is drawn among stored timesteps that have a successor (uniformly over them, or with
+        sampling="rollout" uniformly over their rollouts, then uniformly inside the one drawn), then moved
         back (never before its rollout's first stored step) so the window is as full as the rollout
         allows. Rows past the rollout's end are padding: returned as they are, with mask False.
 
@@ -191,7 +202,20 @@ class ReplayBuffer:
             start 5 or 8: no successor (A's end, B's write head): drawn again
         """
         l = length - 1
-        # draw candidate starts, redraw those with no successor (rollout ends, the write heads)
+        starts, envs = (self.draw_starts if self.sampling == "timestep" else self.draw_starts_by_rollout)(batch_size, rng)
+        # look l steps back and l steps ahead to move the start back if the rollout ends early
+        offsets = np.arange(-l, l + 1)
+        rows = (starts[:, None] + offsets) % self.rows
+        same = self._same_rollout(rows, envs[:, None], starts, offsets)  # (B, 2l+1)
+        n_after = np.cumprod(same[:, l:], axis=1).sum(1)  # steps from the start to the rollout end (incl.)
+        n_before = np.cumprod(same[:, :l][:, ::-1], axis=1).sum(1)  # stored steps before the start
+        shift = np.minimum(n_before, length - n_after).clip(0)
+        window = l - shift[:, None] + np.arange(length)  # indices into the 2l+1 look-around
+        return np.take_along_axis(rows, window, 1), envs, np.take_along_axis(same, window, 1)
+
+    def draw_starts(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Start rows and envs (B,), uniform over stored timesteps with a successor: candidates are drawn over all stored
+        timesteps and those with none (rollout ends, the write heads) drawn again."""
         envs = np.empty(batch_size, dtype=np.int64)
         starts = np.empty(batch_size, dtype=np.int64)
         todo = np.arange(batch_size)
@@ -209,15 +233,24 @@ class ReplayBuffer:
                 break
         else:
             raise RuntimeError("replay buffer holds no timestep with a successor: collect more data before sampling")
-        # look l steps back and l steps ahead to move the start back if the rollout ends early
-        offsets = np.arange(-l, l + 1)
-        rows = (starts[:, None] + offsets) % self.rows
-        same = self._same_rollout(rows, envs[:, None], starts, offsets)  # (B, 2l+1)
-        n_after = np.cumprod(same[:, l:], axis=1).sum(1)  # steps from the start to the rollout end (incl.)
-        n_before = np.cumprod(same[:, :l][:, ::-1], axis=1).sum(1)  # stored steps before the start
-        shift = np.minimum(n_before, length - n_after).clip(0)
-        window = l - shift[:, None] + np.arange(length)  # indices into the 2l+1 look-around
-        return np.take_along_axis(rows, window, 1), envs, np.take_along_axis(same, window, 1)
+        return starts, envs
+
+    def draw_starts_by_rollout(self, batch_size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Start rows and envs (B,): a stored rollout uniformly (among those with a timestep that has a successor), then
+        one of its timesteps with a successor uniformly. Rollout ids are unique across envs, so a rollout is its id."""
+        if self.rollout_index is None or self.rollout_index[0] != self.version:
+            rid, t = self.data["rollout_id"], self.data["time"]  # (rows, E)
+            has_next = (rid >= 0) & (np.roll(rid, -1, 0) == rid) & (np.roll(t, -1, 0) == t + 1)  # the next row continues
+            flat = np.flatnonzero(has_next)  # candidate starts, row-major over (rows, E)
+            order = np.argsort(rid.ravel()[flat], kind="stable")  # grouped by rollout
+            _, first, count = np.unique(rid.ravel()[flat[order]], return_index=True, return_counts=True)
+            self.rollout_index = (self.version, flat[order], first, count)
+        _, candidates, first, count = self.rollout_index
+        if len(count) == 0:
+            raise RuntimeError("replay buffer holds no timestep with a successor: collect more data before sampling")
+        rollout = rng.integers(0, len(count), size=batch_size)
+        pick = candidates[first[rollout] + (rng.random(batch_size) * count[rollout]).astype(np.int64)]
+        return pick // self.num_envs, pick % self.num_envs
 
     def gather(self, rows: np.ndarray, envs: np.ndarray, mask: np.ndarray) -> dict:
         """The fields at the drawn windows (vectorised indexing; frames decoded chunk by chunk), mask: real data."""
@@ -261,6 +294,7 @@ class ReplayBuffer:
                 frames.store.load(os.path.join(folder, name))
         self.ptr, self.size = np.array(state["ptr"]), np.array(state["size"])
         self.next_rollout_id = state["next_rollout_id"]
+        self.version += 1
         if self.path is not None:
             self.drop_rows_after_checkpoint()
         for frames in self.frames.values():

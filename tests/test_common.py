@@ -104,9 +104,13 @@ def check_windows(batch, length):
         assert k >= 2  # at least one valid transition
 
 
-def test_windows_never_cross_rollout_boundaries():
+SAMPLING = ["timestep", "rollout"]
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_windows_never_cross_rollout_boundaries(sampling):
     rng = np.random.default_rng(0)
-    buffer = ReplayBuffer(FIELDS, capacity=3 * 200, num_envs=3)
+    buffer = ReplayBuffer(FIELDS, capacity=3 * 200, num_envs=3, sampling=sampling)
     fill(buffer, [[5, 30, 2, 40], [100], [3, 3, 3, 60]])
     batch = buffer.sample(256, 9, rng)
     check_windows(batch, 9)
@@ -114,20 +118,62 @@ def test_windows_never_cross_rollout_boundaries():
     assert batch["mask"][batch["rollout_id"][:, 0] == 4].all()  # env 1's single 100-step rollout
 
 
-def test_windows_after_ring_wraps():
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_windows_after_ring_wraps(sampling):
     rng = np.random.default_rng(1)
-    buffer = ReplayBuffer(FIELDS, capacity=2 * 50, num_envs=2)
+    buffer = ReplayBuffer(FIELDS, capacity=2 * 50, num_envs=2, sampling=sampling)
     fill(buffer, [[17] * 9, [23] * 7])  # 153 and 161 steps into 50 rows each: wraps three times
     assert (buffer.size == 50).all()
     check_windows(buffer.sample(512, 12, rng), 12)
 
 
-def test_single_rollout_longer_than_ring():
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_single_rollout_longer_than_ring(sampling):
     """One rollout that fills the whole column: the wrap point must still break windows (times jump)."""
     rng = np.random.default_rng(2)
-    buffer = ReplayBuffer(FIELDS, capacity=40, num_envs=1)
+    buffer = ReplayBuffer(FIELDS, capacity=40, num_envs=1, sampling=sampling)
     fill(buffer, [[130]])
     check_windows(buffer.sample(512, 10, rng), 10)
+
+
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_how_often_each_rollout_is_drawn(sampling):
+    """Known answers: per timestep, a rollout is drawn in proportion to its timesteps with a successor (length - 1; the
+    last one of each env is still running, its final row the write head); per rollout, each equally often. The column
+    that wrapped holds the tail of a rollout whose start was overwritten: a stored rollout like the others."""
+    buffer = ReplayBuffer(FIELDS, capacity=3 * 60, num_envs=3, sampling=sampling)
+    fill(buffer, [[2, 5, 40], [10], [50, 30]])  # env 2: 80 steps into 60 rows, rollout 2 keeps its last 30 of 50
+    lengths = {0: 2, 1: 10, 2: 30, 3: 5, 4: 40, 5: 30}  # rollout id -> stored length (ids in the order rollouts start)
+    stored = buffer.data["rollout_id"]
+    assert {r: int((stored == r).sum()) for r in lengths} == lengths
+    n = 60_000
+    first = buffer.sample(n, 4, np.random.default_rng(3))["rollout_id"][:, 0]
+    freq = np.array([(first == r).mean() for r in lengths])
+    weights = np.array([L - 1 for L in lengths.values()]) if sampling == "timestep" else np.ones(len(lengths))
+    assert np.abs(freq - weights / weights.sum()).max() < 0.01  # binomial standard error <= 0.002 at n = 60,000
+
+
+def test_rollout_sampling_follows_the_buffer(tmp_path):
+    """The per-rollout index is rebuilt when rows change: a rollout written after a draw is drawn as often as the others,
+    and a saved buffer loaded into another draws the same windows."""
+    buffer = ReplayBuffer(FIELDS, capacity=2 * 100, num_envs=2, sampling="rollout")
+    fill(buffer, [[20, 20], [20]])
+    buffer.sample(8, 4, np.random.default_rng(0))
+    fill(buffer, [[3], [3]])  # two new rollouts (ids 3, 4) after the index was built
+    first = buffer.sample(20_000, 3, np.random.default_rng(1))["rollout_id"][:, 0]
+    assert np.abs(np.bincount(first, minlength=5) / len(first) - 0.2).max() < 0.015
+    buffer.save(str(tmp_path / "snap"))
+    other = ReplayBuffer(FIELDS, capacity=2 * 100, num_envs=2, sampling="rollout")
+    fill(other, [[7], [9]])
+    other.sample(8, 4, np.random.default_rng(0))  # an index of what it held before the load
+    other.load(str(tmp_path / "snap"))
+    s1, s2 = buffer.sample(16, 5, np.random.default_rng(9)), other.sample(16, 5, np.random.default_rng(9))
+    assert all(np.array_equal(s1[k], s2[k]) for k in s1)
+
+
+def test_unknown_sampling_is_refused():
+    with pytest.raises(ValueError, match="'timestep', 'rollout'"):
+        ReplayBuffer(FIELDS, capacity=100, num_envs=1, sampling="episode")
 
 
 def test_buffer_save_load_round_trip(tmp_path):
