@@ -200,6 +200,11 @@ def read_curve(name: str, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
     return np.array([e.step for e in events]), np.array([e.value for e in events]), (events[-1].wall_time - start) / 60
 
 
+def number(v: float) -> str:
+    """A score as the tables print it: 3 decimals below 10 (success rates, normalised scores), else whole (returns)."""
+    return f"{v:.3f}" if abs(v) < 10 else f"{v:,.0f}"
+
+
 def adaptation_gain(name: str, first: str, last: str) -> np.ndarray:
     """Last attempt's return minus the first's at each evaluation in the second half of a run (empty if not logged)."""
     tags = scalars(name).Tags()["scalars"]
@@ -366,6 +371,15 @@ def main():
             )
     if extra:
         print("random policy: " + ", ".join(f"{tag} {reference[tag.removeprefix('eval/')]:.3f}" for tag in extra))
+    print("\nevery evaluation (env steps: value):")
+    for config, runs in curves.items():
+        for seed in sorted(runs):
+            name = run_name(opts.benchmark, config, seed)
+            for tag in [spec["metric"], *extra]:
+                if tag in scalars(name).Tags()["scalars"]:
+                    steps, values, _ = read_curve(name, tag)
+                    evals = ", ".join(f"{step // 1000}k {number(v)}" for step, v in zip(steps, values))
+                    print(f"{config} seed {seed} {tag}: {evals}")
     if "adaptation" in spec:
         first, last = spec["adaptation"]
         gain = reference[last.removeprefix("eval/")] - reference[first.removeprefix("eval/")]
