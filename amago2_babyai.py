@@ -91,8 +91,7 @@ class Args:
     buffer_size: int = 10_000_000
     """replay capacity in timesteps (paper Table 1, BabyAI)"""
     replay_sampling: Literal["timestep", "rollout"] = "timestep"
-    """how replay draws a window: uniformly over stored timesteps (ours), or a stored rollout uniformly, then a timestep
-    in it (the authors' library draws a trajectory file, which weights short rollouts more; docs/differences.md)"""
+    """replay windows uniform over stored timesteps, or over rollouts as the authors' library (docs/differences.md)"""
     batch_size: int = 24
     """sequences per batch (paper Table 1)"""
     context_len: int = 512

@@ -104,8 +104,7 @@ class Args:
     buffer_size: int | None = None
     """replay capacity in timesteps (None: the mode's, paper Table 1: easy 18M, memory-hard 80M)"""
     replay_sampling: Literal["timestep", "rollout"] = "timestep"
-    """how replay draws a window: uniformly over stored timesteps (ours), or a stored rollout uniformly, then a timestep
-    in it (the authors' library draws a trajectory file, which weights short rollouts more; docs/differences.md)"""
+    """replay windows uniform over stored timesteps, or over rollouts as the authors' library (docs/differences.md)"""
     batch_size: int | None = None
     """sequences per batch (None: the mode's, paper Table 1: easy 24, memory-hard 16)"""
     context_len: int | None = None
