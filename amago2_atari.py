@@ -95,8 +95,8 @@ class Args:
     """gradient updates per epoch (official library): 1 per 30 env steps with 30 envs x 1000 steps"""
     buffer_size: int = 8_000_000
     """replay capacity in timesteps (paper Table 1); frames are compressed: 8M take ~1.9 GiB (docs/memory.md)"""
-    replay_sampling: Literal["timestep", "rollout"] = "timestep"
-    """replay windows uniform over stored timesteps, or over rollouts as the authors' library (docs/differences.md)"""
+    replay_sampling: Literal["rollout", "timestep"] = "rollout"
+    """a stored rollout drawn uniformly, then a window in it (authors' library), or windows uniform over timesteps"""
     batch_size: int = 32
     """sequences per batch (paper Table 1)"""
     context_len: int = 64

@@ -90,8 +90,8 @@ class Args:
     """gradient updates per epoch (official library default)"""
     buffer_size: int = 10_000_000
     """replay capacity in timesteps (paper Table 1, BabyAI)"""
-    replay_sampling: Literal["timestep", "rollout"] = "timestep"
-    """replay windows uniform over stored timesteps, or over rollouts as the authors' library (docs/differences.md)"""
+    replay_sampling: Literal["rollout", "timestep"] = "rollout"
+    """a stored rollout drawn uniformly, then a window in it (authors' library), or windows uniform over timesteps"""
     batch_size: int = 24
     """sequences per batch (paper Table 1)"""
     context_len: int = 512

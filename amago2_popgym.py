@@ -109,8 +109,8 @@ class Args:
     """gradient updates per epoch (official library default)"""
     buffer_size: int = 7_500_000
     """replay capacity in timesteps (paper Table 1: 15,000 trajectories of ~500 steps)"""
-    replay_sampling: Literal["timestep", "rollout"] = "timestep"
-    """replay windows uniform over stored timesteps, or over rollouts as the authors' library (docs/differences.md)"""
+    replay_sampling: Literal["rollout", "timestep"] = "rollout"
+    """a stored rollout drawn uniformly, then a window in it (authors' library), or windows uniform over timesteps"""
     batch_size: int = 24
     """sequences per batch (paper Table 1)"""
     context_len: int = 600

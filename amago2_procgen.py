@@ -103,8 +103,8 @@ class Args:
     """gradient updates per epoch (official library default)"""
     buffer_size: int | None = None
     """replay capacity in timesteps (None: the mode's, paper Table 1: easy 18M, memory-hard 80M)"""
-    replay_sampling: Literal["timestep", "rollout"] = "timestep"
-    """replay windows uniform over stored timesteps, or over rollouts as the authors' library (docs/differences.md)"""
+    replay_sampling: Literal["rollout", "timestep"] = "rollout"
+    """a stored rollout drawn uniformly, then a window in it (authors' library), or windows uniform over timesteps"""
     batch_size: int | None = None
     """sequences per batch (None: the mode's, paper Table 1: easy 24, memory-hard 16)"""
     context_len: int | None = None

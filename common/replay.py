@@ -62,7 +62,7 @@ class ReplayBuffer:
     """
 
     def __init__(
-        self, fields: dict, capacity: int, num_envs: int, path: str | None = None, compress: bool = True, sampling="timestep"
+        self, fields: dict, capacity: int, num_envs: int, path: str | None = None, compress: bool = True, sampling="rollout"
     ):
         self.rows, self.num_envs, self.path = capacity // num_envs, num_envs, path
         if self.rows < 2:

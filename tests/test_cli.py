@@ -133,7 +133,7 @@ def test_compile_runs_the_whole_loop(tmp_path):
 def test_bf16_async_disk_buffer(name, tmp_path):
     """The options a paper-size run uses, with the benchmark's own and the authors' replay sampling: one run, the buffer
     really is on disk and draws per rollout."""
-    flags = ["--precision", "bf16", "--async-envs", "--buffer-dir", "buf", "--replay-sampling", "rollout"]
+    flags = ["--precision", "bf16", "--async-envs", "--buffer-dir", "buf", "--replay-sampling", "timestep"]
     out = run(name, [*tiny(name), *flags, *SCRIPTS[name]["variant"]], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "memory-mapped in buf" in out.stdout and "windows drawn per rollout" in out.stdout

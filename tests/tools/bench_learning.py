@@ -98,8 +98,8 @@ BENCHMARKS = {
                             "ind/ind 200k thr-1e-4": [*BABYAI_DEMO, "--total-timesteps", "200000", "--crr-threshold", "-1e-4"],
                             # the replay ratio: twice the updates per env step, as many updates as "ind/ind 200k"
                             "ind/ind 2x updates": with_flag(BABYAI_100K, "--updates-per-epoch", "32"),
-                            # the authors' weighting of replay windows: each stored rollout equally often (differences.md)
-                            "ind/ind rollout-sampling": [*BABYAI_100K, "--replay-sampling", "rollout"]},
+                            # replay windows uniform over timesteps (the default until issue 28): long rollouts more often
+                            "ind/ind timestep-sampling": [*BABYAI_100K, "--replay-sampling", "timestep"]},
                    metric="eval/train_success_2_mean",
                    label="success rate, attempt 2 (4 training tasks, unseen layouts)",
                    extra=["eval/train_success_1_mean", "eval/test_success_1_mean", "eval/test_success_2_mean"]),
