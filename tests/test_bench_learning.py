@@ -49,3 +49,15 @@ def test_only_seed_outside_the_reported_seeds_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_learning.main()
     assert exit_info.value.code == 2 and "--only-seed must be one of the seeds 1..--seeds (2)" in capsys.readouterr().err
+
+
+def test_a_run_already_there_is_refused_before_anything_trains(tmp_path, monkeypatch, capsys):
+    """Training seed 2 again into runs/bench-popgym-indind-s2 would mix two runs' events in one report: refused in one
+    line naming the folder, and seed 1 (not there) is not launched either."""
+    monkeypatch.setattr(bench_learning, "ROOT", str(tmp_path))
+    (tmp_path / "runs" / "bench-popgym-indind-s2").mkdir(parents=True)
+    monkeypatch.setattr(bench_learning, "launch", lambda *a: pytest.fail("launched a run"))
+    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "popgym", "--seeds", "2"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_learning.main()
+    assert exit_info.value.code == 2 and "runs/bench-popgym-indind-s2 exists (1 of these runs do)" in capsys.readouterr().err

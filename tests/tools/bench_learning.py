@@ -177,9 +177,13 @@ def run_name(benchmark: str, config: str, seed: int) -> str:
     return f"bench-{benchmark}-{config.replace('/', '').replace(' ', '-')}-s{seed}"
 
 
+def run_dir(name: str) -> str:
+    return os.path.join(ROOT, "runs", name)
+
+
 def launch(script: str, flags: list, name: str, seed: int) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    log = open(os.path.join(ROOT, "runs", f"{name}.log"), "w")
+    log = open(run_dir(name) + ".log", "w")
     cmd = [sys.executable, script, *flags, "--seed", str(seed), "--run-name", name, "--device", "cpu"]
     print("$ " + " ".join(cmd[1:]), flush=True)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -190,7 +194,7 @@ def scalars(name: str):
     """One run's TensorBoard scalars, read once."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    return EventAccumulator(os.path.join(ROOT, "runs", name), size_guidance={"scalars": 0}).Reload()
+    return EventAccumulator(run_dir(name), size_guidance={"scalars": 0}).Reload()
 
 
 def read_curve(name: str, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -336,10 +340,14 @@ def main():
     os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
     jobs = [(config, flags, seed) for config, flags in spec["configs"].items() for seed in range(1, opts.seeds + 1)]
     if not opts.report_only:
+        todo = [job for job in jobs if (not opts.config or job[0] in opts.config)]
+        todo = [job for job in todo if not opts.only_seed or job[2] in opts.only_seed]
+        # a second run into the same folder would add its events to the first's and the report would mix the two
+        there = [name for name in (run_name(opts.benchmark, c, s) for c, _, s in todo) if os.path.exists(run_dir(name))]
+        if there:
+            parser.error(f"runs/{there[0]} exists ({len(there)} of these runs do): move or delete them to train again")
         procs = {}
-        for config, flags, seed in jobs:
-            if (opts.config and config not in opts.config) or (opts.only_seed and seed not in opts.only_seed):
-                continue
+        for config, flags, seed in todo:
             while sum(p.poll() is None for p in procs.values()) >= opts.parallel:
                 time.sleep(5)
             name = run_name(opts.benchmark, config, seed)
@@ -348,7 +356,7 @@ def main():
         if failed:
             sys.exit(f"runs failed (see runs/<name>.log): {failed}")
 
-    jobs = [job for job in jobs if os.path.isdir(os.path.join(ROOT, "runs", run_name(opts.benchmark, job[0], job[2])))]
+    jobs = [job for job in jobs if os.path.isdir(run_dir(run_name(opts.benchmark, job[0], job[2])))]
     if opts.report_only and opts.config:
         jobs = [job for job in jobs if job[0] in opts.config]
     first_flags = next(iter(spec["configs"].values()))
