@@ -36,3 +36,5 @@ def test_defaults_are_the_papers(script):
     # every domain: 7 learning gammas, rollouts act with 0.999, 4 critics, tau 0.003, lambda 10, warmup 500 updates
     assert args.gammas == [0.1, 0.9, 0.95, 0.97, 0.99, 0.995, 0.999] and args.rollout_gamma == 0.999
     assert (args.num_critics, args.tau, args.critic_weight, args.warmup_updates) == (4, 0.003, 10.0, 500)
+    # replay as the official library draws it: a stored rollout uniformly, then a window in it
+    assert args.replay_sampling == "rollout"
