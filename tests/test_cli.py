@@ -131,12 +131,12 @@ def test_compile_runs_the_whole_loop(tmp_path):
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_bf16_async_disk_buffer(name, tmp_path):
-    """The options a paper-size run uses, with the benchmark's own and the authors' replay sampling: one run, the buffer
-    really is on disk and draws per rollout."""
+    """The options a paper-size run uses, with the non-default replay draw: one run, the buffer really is on disk and
+    draws per timestep."""
     flags = ["--precision", "bf16", "--async-envs", "--buffer-dir", "buf", "--replay-sampling", "timestep"]
     out = run(name, [*tiny(name), *flags, *SCRIPTS[name]["variant"]], tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "memory-mapped in buf" in out.stdout and "windows drawn per rollout" in out.stdout
+    assert "memory-mapped in buf" in out.stdout and "windows drawn per timestep" in out.stdout
     if "variant_out" in SCRIPTS[name]:
         assert SCRIPTS[name]["variant_out"] in out.stdout
     assert f"done: {SCRIPTS[name]['steps']} steps, 4 updates" in out.stdout
