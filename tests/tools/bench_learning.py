@@ -340,17 +340,19 @@ def main():
     os.makedirs(os.path.join(ROOT, "runs"), exist_ok=True)
     jobs = [(config, flags, seed) for config, flags in spec["configs"].items() for seed in range(1, opts.seeds + 1)]
     if not opts.report_only:
-        todo = [job for job in jobs if (not opts.config or job[0] in opts.config)]
-        todo = [job for job in todo if not opts.only_seed or job[2] in opts.only_seed]
+        todo = {
+            run_name(opts.benchmark, config, seed): (flags, seed)
+            for config, flags, seed in jobs
+            if (not opts.config or config in opts.config) and (not opts.only_seed or seed in opts.only_seed)
+        }
         # a second run into the same folder would add its events to the first's and the report would mix the two
-        there = [name for name in (run_name(opts.benchmark, c, s) for c, _, s in todo) if os.path.exists(run_dir(name))]
+        there = [name for name in todo if os.path.exists(run_dir(name))]
         if there:
             parser.error(f"runs/{there[0]} exists ({len(there)} of these runs do): move or delete them to train again")
         procs = {}
-        for config, flags, seed in todo:
+        for name, (flags, seed) in todo.items():
             while sum(p.poll() is None for p in procs.values()) >= opts.parallel:
                 time.sleep(5)
-            name = run_name(opts.benchmark, config, seed)
             procs[name] = launch(spec["script"], flags, name, seed)
         failed = [name for name, p in procs.items() if p.wait() != 0]
         if failed:
