@@ -61,3 +61,72 @@ def test_a_run_already_there_is_refused_before_anything_trains(tmp_path, monkeyp
     with pytest.raises(SystemExit) as exit_info:
         bench_learning.main()
     assert exit_info.value.code == 2 and "runs/bench-popgym-indind-s2 exists (1 of these runs do)" in capsys.readouterr().err
+
+
+class Launched:
+    """What launch() was asked to start; each 'run' fails at once, so main() stops before reading any results."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, script, flags, name, seed, resume=False):
+        self.calls.append((name, resume))
+        return type("Proc", (), {"poll": lambda self: 1, "wait": lambda self: 1})()
+
+
+def test_resume_goes_on_with_interrupted_runs_keeps_finished_ones_and_starts_missing_ones(tmp_path, monkeypatch):
+    """Seed 1 finished (its log ends with 'done:'), seed 2 was killed after a checkpoint, seed 3 never started:
+    --resume continues seed 2 from its checkpoint, starts seed 3 and leaves seed 1 alone."""
+    monkeypatch.setattr(bench_learning, "ROOT", str(tmp_path))
+    runs = tmp_path / "runs"
+    (runs / "bench-popgym-indind-s1").mkdir(parents=True)
+    (runs / "bench-popgym-indind-s1.log").write_text("eval: score 0.3\ndone: 120,000 steps\n")
+    (runs / "bench-popgym-indind-s2" / "checkpoint").mkdir(parents=True)
+    (runs / "bench-popgym-indind-s2" / "checkpoint" / "state.pt").write_bytes(b"x")
+    (runs / "bench-popgym-indind-s2.log").write_text("eval: score 0.1\n 40%|####      | 48,000/120,000\r")
+    launched = Launched()
+    monkeypatch.setattr(bench_learning, "launch", launched)
+    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "popgym", "--seeds", "3", "--resume"])
+    with pytest.raises(SystemExit, match="runs failed"):
+        bench_learning.main()
+    assert launched.calls == [("bench-popgym-indind-s2", True), ("bench-popgym-indind-s3", False)]
+
+
+def test_resume_of_a_run_with_no_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_learning, "ROOT", str(tmp_path))
+    (tmp_path / "runs" / "bench-popgym-indind-s1").mkdir(parents=True)
+    (tmp_path / "runs" / "bench-popgym-indind-s1.log").write_text(" 40%|####      | 48,000/120,000\r")
+    monkeypatch.setattr(bench_learning, "launch", lambda *a, **k: pytest.fail("launched a run"))
+    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "popgym", "--seeds", "1", "--resume"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench_learning.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "bench-popgym-indind-s1 was interrupted with no checkpoint to resume" in err
+
+
+def test_every_run_is_checkpointed_at_its_evaluations_and_resumes_from_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_learning, "ROOT", str(tmp_path))
+    (tmp_path / "runs").mkdir()
+    started = []
+    monkeypatch.setattr(bench_learning.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
+    flags = bench_learning.BENCHMARKS["popgym"]["configs"]["ind/ind"]
+    bench_learning.launch("amago2_popgym.py", flags, "r", 2)
+    bench_learning.launch("amago2_popgym.py", flags, "r", 2, resume=True)
+    fresh, resumed = started
+    assert fresh[-3:] == ["--save-model", "--checkpoint-every", "25000"] and fresh[fresh.index("--seed") + 1] == "2"
+    assert resumed[1:] == ["amago2_popgym.py", "--resume", os.path.join("runs", "r")]
+
+
+def test_wall_minutes_leave_out_the_pause_between_an_interruption_and_its_resume(tmp_path, monkeypatch):
+    """Losses every minute, an evaluation at the second and last minute, and an hour's pause in between: 3 minutes."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setattr(bench_learning, "ROOT", str(tmp_path))
+    writer = SummaryWriter(str(tmp_path / "runs" / "paused"))
+    for step, t in enumerate([0, 60, 120, 3720, 3780]):
+        writer.add_scalar("losses/critic", 1.0, step, walltime=1e9 + t)
+    writer.add_scalar("eval/score", 0.1, 2, walltime=1e9 + 120)
+    writer.add_scalar("eval/score", 0.2, 4, walltime=1e9 + 3780)
+    writer.close()
+    steps, values, minutes = bench_learning.read_curve("paused", "eval/score")
+    assert steps.tolist() == [2, 4] and values.tolist() == pytest.approx([0.1, 0.2]) and minutes == pytest.approx(3.0)

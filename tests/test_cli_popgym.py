@@ -37,6 +37,10 @@ def test_resume_reproduces_the_saved_state(tmp_path):
     saved_rng = torch.load(ckpt / "rank0" / state["buffer"] / "rng.pt", weights_only=False)  # beside rank 0's shard
     assert rng.bit_generator.state == saved_rng["numpy"]
     assert buffer.num_timesteps() > 0
+    # the run is done: resuming it as it is would train nothing, so it is refused in one line that says what to raise
+    out = run(["--resume", "runs/r"], tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "the run is done (160 steps); raise --total-timesteps" in out.stderr
 
 
 def test_fresh_run_refuses_a_used_buffer_dir(tmp_path):

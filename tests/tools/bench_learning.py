@@ -7,7 +7,8 @@ a table against the random policy and write the learning-curve figure docs/figur
 
 Each run is a subprocess with one torch thread (OMP_NUM_THREADS=1); --parallel 2 runs two at once, one per core.
 The random-policy reference is measured here, on the script's own evaluation envs and summary, with uniform
-random actions. Wall minutes are the time from a run's first to its last TensorBoard event.
+random actions. Wall minutes are the time from a run's first to its last TensorBoard event, pauses left out.
+Every run is checkpointed at each evaluation: `--resume` goes on with runs that a session's end interrupted.
 """
 
 import argparse
@@ -173,6 +174,9 @@ BENCHMARKS = {
 # fmt: on
 
 
+PAUSE_S = 900  # longer than any epoch with its evaluation in these demos (the slowest, Meta-World's, ~5 minutes)
+
+
 def run_name(benchmark: str, config: str, seed: int) -> str:
     return f"bench-{benchmark}-{config.replace('/', '').replace(' ', '-')}-s{seed}"
 
@@ -181,12 +185,29 @@ def run_dir(name: str) -> str:
     return os.path.join(ROOT, "runs", name)
 
 
-def launch(script: str, flags: list, name: str, seed: int) -> subprocess.Popen:
+def launch(script: str, flags: list, name: str, seed: int, resume: bool = False) -> subprocess.Popen:
+    """Start one run, checkpointed at every evaluation so that a run killed midway (a session's end) can go on from
+    there with --resume; or go on with an interrupted run from its last checkpoint, appending to its log."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    log = open(run_dir(name) + ".log", "w")
-    cmd = [sys.executable, script, *flags, "--seed", str(seed), "--run-name", name, "--device", "cpu"]
+    log = open(run_dir(name) + ".log", "a" if resume else "w")
+    if resume:  # the checkpoint holds the run's flags, seed and name
+        cmd = [sys.executable, script, "--resume", os.path.join("runs", name)]
+    else:
+        every = flags[flags.index("--eval-every") + 1]
+        cmd = [sys.executable, script, *flags, "--seed", str(seed), "--run-name", name, "--device", "cpu"]
+        cmd += ["--save-model", "--checkpoint-every", every]
     print("$ " + " ".join(cmd[1:]), flush=True)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def checkpoint(name: str) -> str:
+    return os.path.join(run_dir(name), "checkpoint", "state.pt")
+
+
+def finished_run(name: str) -> bool:
+    """Did the run reach its last step? Its script ends the log with a 'done:' line."""
+    with open(run_dir(name) + ".log", errors="replace") as log:
+        return "\ndone: " in log.read()
 
 
 @functools.cache
@@ -198,11 +219,14 @@ def scalars(name: str):
 
 
 def read_curve(name: str, metric: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """(env steps, metric values, wall minutes) of one run's TensorBoard log."""
+    """(env steps, metric values, wall minutes) of one run's TensorBoard log. A resumed run's events from after its
+    checkpoint are dropped on resume (purge_step); the minutes leave out any pause of over PAUSE_S between two logged
+    events (the time between an interruption and its resume; every epoch logs its losses)."""
     acc = scalars(name)
     events = acc.Scalars(metric)
-    start = min(e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)[:1])
-    return np.array([e.step for e in events]), np.array([e.value for e in events]), (events[-1].wall_time - start) / 60
+    times = np.sort([e.wall_time for tag in acc.Tags()["scalars"] for e in acc.Scalars(tag)])
+    gaps = np.diff(times[times <= events[-1].wall_time])
+    return np.array([e.step for e in events]), np.array([e.value for e in events]), gaps[gaps <= PAUSE_S].sum() / 60
 
 
 def number(v: float) -> str:
@@ -327,6 +351,12 @@ def main():
         help="train only this seed of 1..N (repeatable), to add a seed to runs already there; the report covers all",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with the selected runs that were interrupted (their folder is there, their log has no 'done:') "
+        "from their last checkpoint; finished runs are kept, runs not there start",
+    )
+    parser.add_argument(
         "--figure",
         help="figure name under docs/figures (default: the benchmark's name; with --config and no --figure the figure "
         "goes to runs/, so that a probe never redraws a README figure)",
@@ -347,13 +377,22 @@ def main():
         }
         # a second run into the same folder would add its events to the first's and the report would mix the two
         there = [name for name in todo if os.path.exists(run_dir(name))]
-        if there:
-            parser.error(f"runs/{there[0]} exists ({len(there)} of these runs do): move or delete them to train again")
+        if there and not opts.resume:
+            parser.error(
+                f"runs/{there[0]} exists ({len(there)} of these runs do): move or delete them to train again, "
+                "or --resume to go on with interrupted ones"
+            )
+        finished = [name for name in there if finished_run(name)]
+        stuck = [name for name in there if name not in finished and not os.path.exists(checkpoint(name))]
+        if stuck:
+            parser.error(f"runs/{stuck[0]} was interrupted with no checkpoint to resume from: move it aside to train again")
         procs = {}
         for name, (flags, seed) in todo.items():
+            if name in finished:
+                continue
             while sum(p.poll() is None for p in procs.values()) >= opts.parallel:
                 time.sleep(5)
-            procs[name] = launch(spec["script"], flags, name, seed)
+            procs[name] = launch(spec["script"], flags, name, seed, resume=name in there)
         failed = [name for name, p in procs.items() if p.wait() != 0]
         if failed:
             sys.exit(f"runs failed (see runs/<name>.log): {failed}")
