@@ -86,7 +86,7 @@ def test_resume_goes_on_with_interrupted_runs_keeps_finished_ones_and_starts_mis
     (runs / "bench-popgym-indind-s2.log").write_text("eval: score 0.1\n 40%|####      | 48,000/120,000\r")
     launched = Launched()
     monkeypatch.setattr(bench_learning, "launch", launched)
-    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "popgym", "--seeds", "3", "--resume"])
+    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "popgym", "--seeds", "3", "--config", "ind/ind", "--resume"])
     with pytest.raises(SystemExit, match="runs failed"):
         bench_learning.main()
     assert launched.calls == [("bench-popgym-indind-s2", True), ("bench-popgym-indind-s3", False)]
@@ -97,7 +97,7 @@ def test_resume_of_a_run_with_no_checkpoint_is_refused(tmp_path, monkeypatch, ca
     (tmp_path / "runs" / "bench-popgym-indind-s1").mkdir(parents=True)
     (tmp_path / "runs" / "bench-popgym-indind-s1.log").write_text(" 40%|####      | 48,000/120,000\r")
     monkeypatch.setattr(bench_learning, "launch", lambda *a, **k: pytest.fail("launched a run"))
-    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "popgym", "--seeds", "1", "--resume"])
+    monkeypatch.setattr(sys, "argv", ["bench_learning.py", "popgym", "--seeds", "1", "--config", "ind/ind", "--resume"])
     with pytest.raises(SystemExit) as exit_info:
         bench_learning.main()
     err = capsys.readouterr().err

@@ -87,7 +87,11 @@ BREAKOUT_DEMO = ["--games", "Breakout", *DENSE_PIXELS, "--eval-episodes", "4"]
 
 BENCHMARKS = {
     # name: script, {config label: flags}, the TensorBoard scalar to plot and its label
-    "popgym": dict(script="amago2_popgym.py", configs={"ind/ind": [*POPGYM_DEMO, "--total-timesteps", "120000"]},
+    "popgym": dict(script="amago2_popgym.py",
+                   configs={"ind/ind": [*POPGYM_DEMO, "--total-timesteps", "120000"],
+                            # replay windows uniform over timesteps (the default until issue 28)
+                            "ind/ind timestep-sampling": [*POPGYM_DEMO, "--total-timesteps", "120000",
+                                                          "--replay-sampling", "timestep"]},
                    metric="eval/normalised_score", label="mean normalised score (4 tasks, episode 2)"),
     # ind/dep (CRR actor, PopArt-MSE critic) isolates the two-hot critic: its symlog-space expectation values an
     # uncertain sparse success far below its mean (README, BabyAI), a scalar critic learns the mean
@@ -156,6 +160,7 @@ BENCHMARKS = {
                               extra=["eval/norm_1_mean", "eval/return_2_mean"]),
     "atari-breakout": dict(script="amago2_atari.py",
                            configs={"ind/ind": BREAKOUT_DEMO,
+                                    "ind/ind timestep-sampling": [*BREAKOUT_DEMO, "--replay-sampling", "timestep"],
                                     "ind/ind thr-1e-4": [*BREAKOUT_DEMO, "--crr-threshold", "-1e-4"]},
                            metric="eval/return_mean", label="Breakout score (raw)", extra=["eval/hns_mean"]),
     "atari": dict(script="amago2_atari.py",
