@@ -1194,6 +1194,8 @@ if __name__ == "__main__":
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    # CPU: subnormal floats in the update's intermediates made a late Meta-World update 1.65x slower (docs/speed.md)
+    torch.set_flush_denormal(True)
     rng = np.random.default_rng(args.seed + rank)
     run_dir = f"runs/{args.run_name}"
 
