@@ -1146,8 +1146,7 @@ def resolve_args(args: Args) -> Args:
             how = "plain python" if n == 1 else f"torchrun with {n} ranks in all (e.g. --nproc-per-node {n})"
             fail(f"--resume {args.resume}: the run was saved by {n} rank(s) and this job has {world}; resume it with {how}")
         total = args.total_timesteps if args.total_timesteps != Args.total_timesteps else saved["total_timesteps"]
-        if state["counters"]["global_step"] >= total and not args.eval_only:  # nothing to train: no final evaluation
-            step = state["counters"]["global_step"]
+        if (step := state["counters"]["global_step"]) >= total and not args.eval_only:  # nothing to train, no final eval
             fail(f"--resume {args.resume}: the run is done ({step:,} steps); raise --total-timesteps to train on past it")
         given = {"resume": args.resume, "total_timesteps": total, "eval_only": args.eval_only}
         if args.eval_only:  # how to evaluate is this command's to say
