@@ -153,6 +153,19 @@ def test_how_often_each_rollout_is_drawn(sampling):
     assert np.abs(freq - weights / weights.sum()).max() < 0.01  # binomial standard error <= 0.002 at n = 60,000
 
 
+@pytest.mark.parametrize("sampling", SAMPLING)
+def test_where_in_a_rollout_the_window_starts(sampling):
+    """Known answer: a start is drawn uniformly over a rollout's T timesteps with a successor, then moved back so the
+    window fits, so the last full window's start (T - l) takes l / T of the draws, the earlier starts 1 / T each (the
+    official library draws a start uniformly over the T - l + 1 full-window starts: docs/differences.md)."""
+    buffer = ReplayBuffer(FIELDS, capacity=40, num_envs=1, sampling=sampling)
+    fill(buffer, [[11, 3]])  # rollout 0: 11 timesteps, T = 10 with a successor; rollout 1 still running
+    batch = buffer.sample(40_000, 5, np.random.default_rng(4))  # l = 4
+    start = batch["time"][batch["rollout_id"][:, 0] == 0, 0]
+    freq = np.bincount(start, minlength=7) / len(start)
+    assert np.abs(freq - np.r_[[0.1] * 6, 0.4]).max() < 0.015  # binomial standard error <= 0.003 at n ~ 20,000
+
+
 def test_rollout_sampling_follows_the_buffer(tmp_path):
     """The per-rollout index is rebuilt when rows change: a rollout written after a draw is drawn as often as the others,
     and a saved buffer loaded into another draws the same windows."""
